@@ -1,0 +1,186 @@
+"""The job spec (``jobs/*.yaml``): one validated pydantic model; its JSON Schema is ``schemas/job.schema.json``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from farm.models.base import ModelSpec
+from farm.params import SAMPLING_FIELDS, check_field, check_seed, coerce
+
+
+class SpecError(ValueError):
+    """A job spec problem; the message names the field and the bad value."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSection(_Strict):
+    backend: str = Field(description="Backend name: lynx | still | simulated")
+    variant: str | None = Field(default=None, description="Backend variant, e.g. lynx: full | lite")
+    weights: dict[str, str] = Field(
+        default_factory=dict,
+        description="Role -> local path or fsspec URI (lynx: base, adapter, face_pack)",
+    )
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        default="auto", description="auto = bf16 on GPU, fp32 on CPU"
+    )
+    options: dict[str, Any] = Field(default_factory=dict, description="Backend-specific options")
+
+    def to_spec(self) -> ModelSpec:
+        return ModelSpec(
+            backend=self.backend, variant=self.variant, weights=dict(self.weights), dtype=self.dtype,
+            options=dict(self.options),
+        )
+
+
+class Defaults(_Strict):
+    """Job-wide sampling defaults; unset values fall back to the backend's own defaults."""
+
+    num_frames: int | None = None
+    height: int | None = None
+    width: int | None = None
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    guidance_scale_i: float | None = None
+    ip_scale: float | None = None
+    ref_scale: float | None = None
+    fps: int | None = None
+    two_pass_guidance: bool = Field(
+        default=False, description="Drop the ID-only guidance pass (guidance_scale_i unset) for every row"
+    )
+    negative_prompt: str | None = Field(default=None, description="None = the backend's official negative prompt")
+    seed: int = Field(default=42, description="Base seed; rows without a seed get one derived from it and their id")
+
+    @field_validator("seed")
+    @classmethod
+    def _seed(cls, value: int) -> int:
+        return check_seed(value)
+
+    @model_validator(mode="after")
+    def _in_range(self) -> Defaults:
+        for name, value in self.overrides().items():
+            if value is not None:
+                check_field(name, coerce(name, value))
+        return self
+
+    def overrides(self) -> dict[str, Any]:
+        out = {name: getattr(self, name) for name in (*SAMPLING_FIELDS, "fps") if getattr(self, name) is not None}
+        if self.two_pass_guidance:
+            out["guidance_scale_i"] = None
+        return out
+
+
+class Resources(_Strict):
+    gpus_per_replica: float = Field(default=1.0, ge=0, description="GPUs pinned per replica (0 = CPU replicas)")
+    cpus_per_replica: float = Field(default=1.0, gt=0, description="CPUs reserved per replica actor")
+    replicas: int | Literal["all"] = Field(
+        default="all", description="Number of replicas, or 'all' = every GPU in the cluster / gpus_per_replica"
+    )
+    in_flight_per_replica: int = Field(
+        default=3, ge=1, le=64, description="Rows queued per replica so prep/encode overlap generation"
+    )
+
+    @field_validator("replicas")
+    @classmethod
+    def _replicas(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 1:
+            raise ValueError(f"replicas={value} must be >= 1 or 'all'")
+        return value
+
+
+class Identity(_Strict):
+    enabled: bool = True
+    recognizer: Literal["dlib", "insightface"] = "dlib"
+    pack: str | None = Field(default=None, description="insightface model pack dir or URI (recognizer=insightface)")
+    frames: int = Field(default=16, ge=1, le=1024, description="Frames sampled uniformly per video")
+    strict: bool = Field(default=False, description="Fail portraits with several faces (multiple_faces)")
+    min_face_size: int = Field(default=32, ge=0, description="Smallest portrait face side in pixels (face_too_small)")
+
+    @model_validator(mode="after")
+    def _pack(self) -> Identity:
+        if self.enabled and self.recognizer == "insightface" and not self.pack:
+            raise ValueError("identity.pack is required when identity.recognizer is 'insightface'")
+        return self
+
+
+class Runtime(_Strict):
+    max_attempts: int = Field(default=3, ge=1, le=20, description="Attempts per row across infrastructure faults")
+    row_timeout_s: float = Field(default=3600.0, gt=0, description="A row running longer is retried elsewhere")
+    commit_every_rows: int = Field(default=256, ge=1, description="Results are committed in parts of this many rows")
+    commit_every_s: float = Field(default=15.0, gt=0, description="... or at least this often")
+    require_rights_confirmed: bool = Field(
+        default=False, description="Skip rows whose rights_confirmed is not true (false rows are always skipped)"
+    )
+    check_portraits: bool = Field(default=False, description="`farm validate`: also open every portrait")
+    max_replica_restarts: int = Field(default=50, ge=0, description="Give up after this many replica deaths")
+
+
+class JobSpec(_Strict):
+    """A whole job: what to read, where to write, which model, how to sample, on what resources."""
+
+    name: str = "job"
+    manifest: str = Field(description="Parquet file, directory or glob; local path or fsspec URI")
+    output: str = Field(description="Output root; local path or fsspec URI")
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict, description="fsspec options for remote URIs (e.g. {endpoint_url: ...} for S3)"
+    )
+    model: ModelSection
+    defaults: Defaults = Field(default_factory=Defaults)
+    resources: Resources = Field(default_factory=Resources)
+    identity: Identity = Field(default_factory=Identity)
+    runtime: Runtime = Field(default_factory=Runtime)
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid job spec {source}:"]
+    for item in err.errors():
+        where = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        value = item.get("input")
+        shown = "" if isinstance(value, dict) else f" (got {value!r})"
+        lines.append(f"  {where}: {item['msg']}{shown}")
+    return "\n".join(lines)
+
+
+def parse_job(data: dict[str, Any], source: str = "<dict>") -> JobSpec:
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as err:
+        raise SpecError(_format_errors(err, source)) from None
+
+
+def load_job(path: str | Path, overrides: dict[str, Any] | None = None) -> JobSpec:
+    """Read a YAML job spec; ``overrides`` (from CLI flags) replace top-level/nested keys before validation.
+
+    Relative ``manifest``/``output``/weight paths are resolved against the current directory, as a user typing a
+    command expects.
+    """
+    text = Path(path).read_text()
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise SpecError(f"invalid YAML in {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise SpecError(f"invalid job spec {path}: expected a mapping at the top level, got {type(data).__name__}")
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        node = data
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return parse_job(data, str(path))
+
+
+def job_schema() -> dict[str, Any]:
+    """The JSON Schema written to ``schemas/job.schema.json`` (a test keeps the file in sync)."""
+    schema = JobSpec.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "Lynx Farm job spec"
+    return schema

@@ -1,0 +1,95 @@
+"""The backend contract every video model implements (Lynx full/lite, the ``still`` baseline, ``simulated``).
+
+A backend is constructed from its ``ModelSpec`` anywhere (cheap, no weights), declares the resources one replica
+needs, loads once per replica in ``setup``, turns a portrait into a reusable ``subject`` on the CPU in
+``prepare_subject`` (this is where ``no_face`` is raised), and turns a subject plus a request into frames in
+``generate``. The runtime maps resources onto Ray; backends never import Ray.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+
+from farm.params import SamplingParams
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What one replica of a backend needs; the runtime turns this into actor options."""
+
+    gpus: float = 1.0
+    cpus: float = 1.0
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The model section of a job spec, as plain data (``farm.config`` builds it)."""
+
+    backend: str
+    variant: str | None = None
+    weights: dict[str, str] = field(default_factory=dict)  # role -> path or fsspec URI
+    dtype: str = "auto"  # auto | fp32 | bf16 | fp16 ; auto = bf16 on GPU, fp32 on CPU
+    options: dict[str, Any] = field(default_factory=dict)  # backend-specific knobs
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One row, resolved: every value here is the one actually used (it goes into the result record)."""
+
+    id: str
+    prompt: str
+    negative_prompt: str
+    params: SamplingParams
+    seed: int
+
+
+class Backend(ABC):
+    """Base class of every video backend."""
+
+    name: ClassVar[str]
+
+    def __init__(self, spec: ModelSpec) -> None:
+        self.spec = spec
+
+    # --- declared without loading anything ---------------------------------------------------------------
+    def resources(self, gpus_per_replica: float = 1.0) -> Resources:
+        """Resources of one replica. The job spec's ``gpus_per_replica`` is passed in; CPU-only backends ignore it."""
+        return Resources(gpus=gpus_per_replica, cpus=1.0)
+
+    @abstractmethod
+    def default_params(self) -> SamplingParams:
+        """The backend's own defaults (e.g. Lynx full: 81 frames at 16 fps; lite: 121 at 24)."""
+
+    def default_negative_prompt(self) -> str:
+        return ""
+
+    def describe(self) -> str:
+        """Human name written into mp4 metadata and ``_job.json``, e.g. ``"Lynx full (Wan2.1-T2V-14B)"``."""
+        return self.name if self.spec.variant is None else f"{self.name} {self.spec.variant}"
+
+    # --- per replica -------------------------------------------------------------------------------------
+    @abstractmethod
+    def setup(self, device: str) -> None:
+        """Load weights once per replica onto ``device`` (``"cpu"`` or ``"cuda"``/``"cuda:N"``)."""
+
+    def fingerprint(self) -> str:
+        """A short, stable digest of the loaded weights/config; recorded in ``_job.json``. Valid after setup."""
+        return ""
+
+    @abstractmethod
+    def prepare_subject(self, image: np.ndarray) -> Any:
+        """CPU-side, per portrait: RGB uint8 ``(H, W, 3)`` -> whatever ``generate`` needs (cached per portrait).
+
+        Raises ``farm.records.RowError`` for deterministic portrait problems (``no_face`` ...).
+        """
+
+    @abstractmethod
+    def generate(self, subject: Any, request: GenerationRequest) -> np.ndarray:
+        """Return float32 frames ``(F, H, W, 3)`` in ``[0, 1]``."""
+
+    def teardown(self) -> None:  # noqa: B027 - optional hook
+        """Release the replica's memory (called when an actor is retired)."""
