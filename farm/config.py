@@ -119,6 +119,12 @@ class Runtime(_Strict):
     )
     check_portraits: bool = Field(default=False, description="`farm validate`: also open every portrait")
     max_replica_restarts: int = Field(default=50, ge=0, description="Give up after this many replica deaths")
+    inject_faults: dict[Literal["crash", "hang", "oom", "delay"], dict[str, float]] = Field(
+        default_factory=dict,
+        description="Chaos drills and tests only: kind -> {row id: n}. crash/hang/oom hit the row's first n "
+        "dispatches (crash = SIGKILL the replica, hang = never return, oom = an out-of-memory fault); delay sleeps "
+        "n seconds in generation",
+    )
 
 
 class JobSpec(_Strict):

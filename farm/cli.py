@@ -1,0 +1,182 @@
+"""``farm`` command line: run, validate, status, results, score, models make-tiny, schemas."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
+
+
+def _storage_options(pairs: Sequence[str] | None) -> dict[str, Any]:
+    """``--storage-option key=value`` (repeatable; ``client_kwargs.endpoint_url=...`` nests)."""
+    out: dict[str, Any] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--storage-option expects key=value, got {pair!r}")
+        node = out
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return out
+
+
+def _load(args: argparse.Namespace):
+    from farm.config import load_job
+
+    overrides = {"manifest": args.manifest, "output": getattr(args, "output", None)}
+    if getattr(args, "replicas", None) is not None:
+        overrides["resources.replicas"] = args.replicas if args.replicas == "all" else int(args.replicas)
+    return load_job(args.job, overrides)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from farm.runtime.driver import run_job
+
+    job = _load(args)
+    summary = run_job(job, progress=not args.no_progress, retry_failed=args.retry_failed)
+    print(json.dumps(summary.as_dict(), indent=2))
+    return EXIT_OK
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from farm.validate import validate_job
+
+    job = _load(args)
+    report = validate_job(job, check_portraits=args.check_portraits or None)
+    print(f"job spec {args.job}: ok ({job.model.backend}{' ' + job.model.variant if job.model.variant else ''})")
+    print(report.render())
+    return EXIT_OK if report.ok else EXIT_INVALID
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from farm.report import status_text
+
+    print(status_text(args.output, _storage_options(args.storage_option)))
+    return EXIT_OK
+
+
+def cmd_results(args: argparse.Namespace) -> int:
+    from farm.report import export_results
+
+    text = export_results(args.output, _storage_options(args.storage_option), args.format, args.to, args.limit)
+    if text:
+        print(text)
+    return EXIT_OK
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from farm.scoring import score_manifest
+
+    summary = score_manifest(
+        args.manifest, args.output, recognizer=args.recognizer, pack=args.pack, frames=args.frames,
+        storage_options=_storage_options(args.storage_option), progress=not args.no_progress, workers=args.workers,
+    )
+    print(json.dumps(summary, indent=2))
+    return EXIT_OK
+
+
+def cmd_make_tiny(args: argparse.Namespace) -> int:
+    from farm.models.lynx.tiny import make_tiny_checkpoint
+
+    out = make_tiny_checkpoint(args.dir, seed=args.seed)
+    print(f"tiny Lynx checkpoint written to {out}")
+    return EXIT_OK
+
+
+def cmd_schemas(args: argparse.Namespace) -> int:
+    from farm.schemas import write_schemas
+
+    for path in write_schemas(args.dir):
+        print(path)
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="farm", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def job_args(p: argparse.ArgumentParser, output: bool = True) -> None:
+        p.add_argument("job", help="job spec YAML (see jobs/)")
+        p.add_argument("--manifest", help="override the job's manifest URI")
+        if output:
+            p.add_argument("--output", help="override the job's output URI")
+
+    p = sub.add_parser("run", help="run a job (rerun to resume)")
+    job_args(p)
+    p.add_argument("--replicas", help="override resources.replicas (a number or 'all')")
+    p.add_argument("--retry-failed", action="store_true", help="also rerun rows whose committed status is failed")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("validate", help="check a job spec and its whole manifest, no GPU time")
+    job_args(p)
+    p.add_argument("--check-portraits", action="store_true", help="also open every portrait")
+    p.set_defaults(func=cmd_validate)
+
+    for name, func, helptext in (
+        ("status", cmd_status, "counts by status / error code, throughput"),
+        ("results", cmd_results, "print or export the merged results (one record per id)"),
+    ):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("output", help="a job's output URI")
+        p.add_argument("--storage-option", action="append", help="fsspec option key=value (repeatable)")
+        if name == "results":
+            p.add_argument("--format", choices=["table", "csv", "jsonl", "parquet"], default="table")
+            p.add_argument("--to", help="write to this file/URI instead of printing")
+            p.add_argument("--limit", type=int, default=None, help="table: at most this many rows")
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("score", help="score videos made anywhere against their portraits (resumable)")
+    p.add_argument("manifest", help="Parquet with id, portrait, video columns")
+    p.add_argument("--output", required=True, help="output URI (results under OUT/results/)")
+    p.add_argument("--recognizer", choices=["dlib", "insightface"], default="dlib")
+    p.add_argument("--pack", help="insightface model pack dir/URI (recognizer=insightface)")
+    p.add_argument("--frames", type=int, default=16, help="frames sampled per video")
+    p.add_argument("--workers", type=int, default=2, help="parallel scoring threads")
+    p.add_argument("--storage-option", action="append", help="fsspec option key=value (repeatable)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("models", help="model utilities")
+    msub = p.add_subparsers(dest="models_command", required=True)
+    q = msub.add_parser("make-tiny", help="write a tiny random-weight Lynx checkpoint in the official layout")
+    q.add_argument("dir")
+    q.add_argument("--seed", type=int, default=0)
+    q.set_defaults(func=cmd_make_tiny)
+
+    p = sub.add_parser("schemas", help="write the manifest/result/job JSON Schemas")
+    p.add_argument("--dir", default="schemas")
+    p.set_defaults(func=cmd_schemas)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from farm.config import SpecError
+    from farm.manifest import ManifestError
+    from farm.runtime.errors import JobAborted
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        return args.func(args)
+    except (SpecError, ManifestError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except JobAborted as exc:
+        print(f"job aborted: {exc}", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt:
+        print("interrupted: committed rows are kept; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,31 @@
+"""Video backends behind one contract (``farm.models.base.Backend``), looked up by name."""
+
+from __future__ import annotations
+
+import importlib
+
+from farm.models.base import Backend, GenerationRequest, ModelSpec, Resources
+
+# name -> "module:Class"; imported lazily so that e.g. the `still` baseline never imports diffusers.
+BACKENDS: dict[str, str] = {
+    "lynx": "farm.models.lynx.backend:LynxBackend",
+    "still": "farm.models.still:StillBackend",
+    "simulated": "farm.models.simulated:SimulatedBackend",
+}
+
+
+def backend_class(name: str) -> type[Backend]:
+    try:
+        target = BACKENDS[name]
+    except KeyError:
+        raise ValueError(f"unknown model backend {name!r}; choose one of {sorted(BACKENDS)}") from None
+    module, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def build_backend(spec: ModelSpec) -> Backend:
+    """Construct (not load) the backend a job's model section names."""
+    return backend_class(spec.backend)(spec)
+
+
+__all__ = ["BACKENDS", "Backend", "GenerationRequest", "ModelSpec", "Resources", "backend_class", "build_backend"]

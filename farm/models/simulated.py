@@ -1,0 +1,42 @@
+"""``simulated``: a benchmark-only backend that sleeps a fixed "GPU time" per row. It is not a model.
+
+It exists so the farm's scheduling overhead can be measured against an ideal (rows x gpu_time / replicas) and against
+other schedulers on the same stand-in workload. Options: ``gpu_time_s`` (sleep in ``generate``), ``prep_time_s``
+(sleep in ``prepare_subject``, i.e. CPU pre-work); frames are a small constant grey clip so encoding stays cheap.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+from farm.models.base import Backend, GenerationRequest, Resources
+from farm.params import SamplingParams
+
+
+class SimulatedBackend(Backend):
+    name = "simulated"
+
+    def resources(self, gpus_per_replica: float = 1.0) -> Resources:
+        return Resources(gpus=gpus_per_replica, cpus=float(self.spec.options.get("cpus", 0.01)))
+
+    def default_params(self) -> SamplingParams:
+        return SamplingParams(num_frames=5, height=32, width=32, num_inference_steps=1, fps=8)
+
+    def setup(self, device: str) -> None:
+        time.sleep(float(self.spec.options.get("load_time_s", 0.0)))
+        self.device = device
+
+    def fingerprint(self) -> str:
+        return f"simulated-gpu{self.spec.options.get('gpu_time_s', 0.0)}"
+
+    def prepare_subject(self, image: np.ndarray) -> Any:
+        time.sleep(float(self.spec.options.get("prep_time_s", 0.0)))
+        return None
+
+    def generate(self, subject: Any, request: GenerationRequest) -> np.ndarray:
+        time.sleep(float(self.spec.options.get("gpu_time_s", 0.0)))
+        p = request.params
+        return np.full((p.num_frames, p.height, p.width, 3), 0.5, dtype=np.float32)

@@ -1,0 +1,131 @@
+"""Result records: the one Arrow schema, writing committed parts, and reading them back merged.
+
+Commit protocol (README "Resume"): a row's video is fully written (atomic write / single PUT) before the driver adds
+its record to a part file; a part file appears atomically; a rerun reads the ``id`` column of every part and skips
+those ids. Reading merges all parts and keeps the newest record per id (``committed_at``), so readers never see two.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterable
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from farm import storage
+from farm.storage import OutputLayout
+
+CORE_FIELDS: tuple[pa.Field, ...] = (
+    pa.field("id", pa.string(), nullable=False),
+    pa.field("status", pa.string(), nullable=False),
+    pa.field("error_code", pa.string()),
+    pa.field("error_message", pa.string()),
+    pa.field("video", pa.string()),
+    pa.field("portrait", pa.string()),
+    pa.field("prompt", pa.string()),
+    pa.field("negative_prompt", pa.string()),
+    pa.field("num_frames", pa.int32()),
+    pa.field("height", pa.int32()),
+    pa.field("width", pa.int32()),
+    pa.field("num_inference_steps", pa.int32()),
+    pa.field("guidance_scale", pa.float64()),
+    pa.field("guidance_scale_i", pa.float64()),
+    pa.field("ip_scale", pa.float64()),
+    pa.field("ref_scale", pa.float64()),
+    pa.field("fps", pa.int32()),
+    pa.field("seed", pa.int64()),
+    pa.field("model", pa.string()),
+    pa.field("queue_s", pa.float64()),
+    pa.field("prepare_s", pa.float64()),
+    pa.field("generate_s", pa.float64()),
+    pa.field("encode_s", pa.float64()),
+    pa.field("score_s", pa.float64()),
+    pa.field("total_s", pa.float64()),
+    pa.field("replica", pa.string()),
+    pa.field("node", pa.string()),
+    pa.field("gpu_ids", pa.string()),
+    pa.field("attempts", pa.int32()),
+    pa.field("committed_at", pa.timestamp("ms", tz="UTC")),
+)
+
+IDENTITY_FIELDS: tuple[pa.Field, ...] = (
+    pa.field("identity_mean", pa.float64()),
+    pa.field("identity_min", pa.float64()),
+    pa.field("identity_max", pa.float64()),
+    pa.field("identity_std", pa.float64()),
+    pa.field("identity_distance_mean", pa.float64()),
+    pa.field("identity_distance_min", pa.float64()),
+    pa.field("identity_distance_max", pa.float64()),
+    pa.field("face_frames", pa.int32()),
+    pa.field("frames_scored", pa.int32()),
+    pa.field("face_rate", pa.float64()),
+    pa.field("identity_model", pa.string()),
+)
+
+RESERVED = frozenset(f.name for f in CORE_FIELDS + IDENTITY_FIELDS)
+CARRY_PREFIX = "input_"
+
+
+def carried_name(column: str) -> str:
+    """A manifest column that collides with a result column is carried as ``input_<name>``."""
+    return f"{CARRY_PREFIX}{column}" if column in RESERVED else column
+
+
+def result_schema(carried: pa.Schema | None = None) -> pa.Schema:
+    """Core + identity fields, then the carried-through manifest columns with their own types."""
+    fields = list(CORE_FIELDS + IDENTITY_FIELDS)
+    for f in carried or []:
+        fields.append(pa.field(carried_name(f.name), f.type))
+    return pa.schema(fields)
+
+
+def records_to_table(records: Iterable[dict[str, Any]], schema: pa.Schema) -> pa.Table:
+    rows = list(records)
+    columns = {name: [r.get(name) for r in rows] for name in schema.names}
+    return pa.Table.from_pydict(columns, schema=schema)
+
+
+def write_part(layout: OutputLayout, run_id: str, seq: int, records: list[dict[str, Any]], schema: pa.Schema) -> str:
+    """Commit ``records`` as one Parquet part (atomic); returns its URI."""
+    buf = io.BytesIO()
+    pq.write_table(records_to_table(records, schema), buf, compression="zstd")
+    uri = layout.results_part(run_id, seq)
+    storage.write_bytes_atomic(uri, buf.getvalue(), layout.storage_options)
+    return uri
+
+
+def _read_part(uri: str, layout: OutputLayout, columns: list[str] | None) -> pa.Table:
+    fs, path = storage.get_fs(uri, layout.storage_options)
+    return pq.read_table(path, filesystem=fs, columns=columns)
+
+
+def committed_ids(layout: OutputLayout) -> set[str]:
+    """Every id that already has a committed record (reads only the ``id`` column)."""
+    out: set[str] = set()
+    for uri in layout.result_parts():
+        out.update(_read_part(uri, layout, ["id"]).column("id").to_pylist())
+    return out
+
+
+def read_results(layout: OutputLayout, columns: list[str] | None = None) -> pa.Table:
+    """All committed records, one per id (the newest wins), sorted by id."""
+    parts = layout.result_parts()
+    if not parts:
+        return result_schema().empty_table()
+    wanted = None if columns is None else list(dict.fromkeys(["id", "committed_at", *columns]))
+    tables = [_read_part(uri, layout, wanted) for uri in parts]
+    table = pa.concat_tables(tables, promote_options="permissive")
+    table = table.append_column("_order", pa.array(range(table.num_rows), pa.int64()))
+    table = table.sort_by([("id", "ascending"), ("committed_at", "ascending"), ("_order", "ascending")])
+    ids = table.column("id")
+    if table.num_rows > 1:
+        nxt = pc.not_equal(ids.slice(1), ids.slice(0, table.num_rows - 1))
+        keep = pa.concat_arrays([c for c in nxt.chunks] + [pa.array([True])])
+        table = table.filter(keep)
+    table = table.drop_columns(["_order"])
+    if columns is not None:
+        table = table.select(columns if "id" in columns else ["id", *columns])
+    return table

@@ -1,0 +1,57 @@
+"""The replica actor: one ``RowProcessor`` (one model copy) pinned to the GPU(s) Ray assigned it."""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+import ray
+
+from farm.config import JobSpec
+
+
+class Replica:
+    """Loads the model once in ``__init__``; ``process`` is called concurrently (threaded actor) to overlap rows."""
+
+    def __init__(self, job: JobSpec, name: str) -> None:
+        from farm.worker import RowProcessor
+
+        self.gpu_ids = [str(g) for g in ray.get_gpu_ids()]
+        device = "cuda" if self.gpu_ids and _cuda_available() else "cpu"
+        self.name = name
+        self.node = f"{socket.gethostname()}:{ray.get_runtime_context().get_node_id()[:8]}"
+        self.processor = RowProcessor(job, replica=name, device=device)
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "replica": self.name,
+            "node": self.node,
+            "gpu_ids": self.gpu_ids,
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+            "pid": os.getpid(),
+            "device": self.processor.device,
+            "fingerprint": self.processor.backend.fingerprint(),
+            "model": self.processor.backend.describe(),
+        }
+
+    def process(self, task: dict[str, Any]) -> dict[str, Any]:
+        record = self.processor.process(task)
+        record["node"] = self.node
+        record["gpu_ids"] = ",".join(self.gpu_ids)
+        return record
+
+    def stats(self) -> dict[str, float]:
+        return self.processor.stats()
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except ImportError:
+        return False
+
+
+RemoteReplica = ray.remote(Replica)

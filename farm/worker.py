@@ -1,0 +1,227 @@
+"""What one replica does with a row, without Ray: fetch -> prepare -> generate -> encode/upload -> score.
+
+``RowProcessor.process`` is safe to call from several threads at once (the Ray actor does, to overlap rows): the
+model runs one row at a time under ``gpu_lock`` while other rows fetch/prepare or encode/upload/score beside it, so
+the accelerator never waits on CPU work. Per-portrait work (decode, face checks, the backend's subject, the identity
+embedding) is computed once per portrait and kept in a bounded LRU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+import traceback
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from farm import storage
+from farm.config import JobSpec
+from farm.models import build_backend
+from farm.models.base import Backend, GenerationRequest
+from farm.params import SamplingParams
+from farm.records import ErrorCode, RowError, Status
+from farm.storage import OutputLayout
+from farm.video import decode_video, encode_mp4
+
+AI_NOTICE = "AI-generated video"
+
+
+class InfraError(Exception):
+    """A fault of the machine, not of the row (e.g. accelerator out of memory): the row is retried elsewhere."""
+
+
+def _is_infra(exc: BaseException) -> bool:
+    return isinstance(exc, (MemoryError, InfraError)) or type(exc).__name__ in {"OutOfMemoryError", "CudaError"}
+
+
+class LRU:
+    """A bounded map of key -> Future, so concurrent callers for one key compute the value once."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._items: OrderedDict[str, Future[Any]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: str, compute: Callable[[], Any]) -> Any:
+        with self._lock:
+            fut = self._items.get(key)
+            owner = fut is None
+            if owner:
+                fut = Future()
+                self._items[key] = fut
+                while len(self._items) > self.size:
+                    self._items.popitem(last=False)
+            else:
+                self._items.move_to_end(key)
+        if owner:
+            try:
+                fut.set_result(compute())
+            except BaseException as exc:  # noqa: BLE001 - the future carries it to every waiter
+                fut.set_exception(exc)
+                if not isinstance(exc, RowError):
+                    with self._lock:
+                        self._items.pop(key, None)
+        return fut.result()
+
+
+@dataclass
+class Portrait:
+    image: np.ndarray
+    subject: Any
+    embedding: np.ndarray | None
+
+
+class RowProcessor:
+    """One model replica's per-row work. Construct once per replica (loads the model)."""
+
+    def __init__(self, job: JobSpec, replica: str = "local", device: str = "cpu", cache_size: int = 64) -> None:
+        self.job = job
+        self.replica = replica
+        self.device = device
+        self.layout = OutputLayout(job.output, job.storage_options)
+        self.backend: Backend = build_backend(job.model.to_spec())
+        self.backend.setup(device)
+        self.recognizer = None
+        if job.identity.enabled:
+            from farm.identity.recognizer import build_recognizer
+
+            self.recognizer = build_recognizer(
+                job.identity.recognizer, job.identity.pack, storage_options=job.storage_options
+            )
+        self.portraits = LRU(cache_size)
+        self.gpu_lock = threading.Lock()
+        self.busy_s = 0.0
+        self.first_generate: float | None = None
+        self.last_generate_end: float | None = None
+
+    # ------------------------------------------------------------------ stages
+    def _load_portrait(self, uri: str) -> Portrait:
+        try:
+            image = storage.read_image(uri, self.job.storage_options)
+        except FileNotFoundError as exc:
+            raise RowError(ErrorCode.PORTRAIT_UNREADABLE, f"portrait {uri!r} not found: {exc}") from None
+        except OSError as exc:
+            raise RowError(ErrorCode.PORTRAIT_UNREADABLE, f"portrait {uri!r} is not a readable image: {exc}") from None
+        embedding = None
+        if self.recognizer is not None:
+            ident = self.job.identity
+            embedding = self.recognizer.portrait_embedding(
+                image, strict=ident.strict, min_face_size=ident.min_face_size
+            )
+        subject = self.backend.prepare_subject(image)
+        return Portrait(image=image, subject=subject, embedding=embedding)
+
+    def _inject(self, row_id: str, dispatch: int) -> None:
+        """Fault injection for tests and chaos drills (``runtime.inject_faults``); a no-op unless configured."""
+        faults = self.job.runtime.inject_faults
+        if row_id in faults.get("delay", {}):
+            time.sleep(faults["delay"][row_id])
+        if dispatch <= faults.get("crash", {}).get(row_id, 0):
+            os.kill(os.getpid(), signal.SIGKILL)
+        if dispatch <= faults.get("hang", {}).get(row_id, 0):
+            threading.Event().wait()
+        if dispatch <= faults.get("oom", {}).get(row_id, 0):
+            raise InfraError(f"injected out-of-memory fault for row {row_id} (runtime.inject_faults)")
+
+    def _generate(self, portrait: Portrait, request: GenerationRequest, dispatch: int) -> tuple[np.ndarray, float]:
+        with self.gpu_lock:
+            start = time.perf_counter()
+            if self.first_generate is None:
+                self.first_generate = start
+            if self.job.runtime.inject_faults:
+                self._inject(request.id, dispatch)
+            frames = self.backend.generate(portrait.subject, request)
+            end = time.perf_counter()
+            self.busy_s += end - start
+            self.last_generate_end = end
+        return frames, end - start
+
+    def _metadata(self, request: GenerationRequest) -> dict[str, str]:
+        model = self.backend.describe()
+        return {
+            "title": request.id,
+            "comment": f"{AI_NOTICE} by {model}",
+            "description": f"{AI_NOTICE}. Model: {model}. Generated by Lynx Farm.",
+            "artist": model,
+            "encoder_model": model,
+        }
+
+    def _score(self, video: bytes, portrait: Portrait) -> dict[str, Any]:
+        if self.recognizer is None or portrait.embedding is None:
+            return {}
+        frames, _ = decode_video(video)
+        return self.recognizer.score_frames(frames, portrait.embedding, k=self.job.identity.frames)
+
+    # ------------------------------------------------------------------ entry point
+    def process(self, task: dict[str, Any]) -> dict[str, Any]:
+        """Run one row; returns the record fields. ``retry=True`` marks an infrastructure fault."""
+        started = time.time()
+        request: GenerationRequest = task["request"]
+        record: dict[str, Any] = {
+            "id": request.id,
+            "replica": self.replica,
+            "queue_s": max(0.0, started - task.get("dispatched_at", started)),
+        }
+        try:
+            t0 = time.perf_counter()
+            portrait = self.portraits.get(task["portrait"], lambda: self._load_portrait(task["portrait"]))
+            record["prepare_s"] = time.perf_counter() - t0
+            frames, record["generate_s"] = self._generate(portrait, request, task.get("dispatch", 1))
+            t1 = time.perf_counter()
+            video = encode_mp4(frames, request.params.fps, self._metadata(request))
+            del frames
+            uri = self.layout.video(request.id)
+            storage.write_bytes_atomic(uri, video, self.job.storage_options)
+            record["encode_s"] = time.perf_counter() - t1
+            t2 = time.perf_counter()
+            metrics = self._score(video, portrait)
+            record["score_s"] = time.perf_counter() - t2
+            per_frame = metrics.pop("per_frame", None)
+            if metrics or per_frame:
+                payload = {"id": request.id, **metrics, "per_frame": per_frame}
+                self.layout.write_json(self.layout.metrics(request.id), json.loads(json.dumps(payload, default=float)))
+            record.update(metrics)
+            record.update(status=Status.OK.value, video=uri)
+        except RowError as exc:
+            record.update(status=Status.FAILED.value, error_code=exc.code.value, error_message=exc.message)
+        except Exception as exc:  # noqa: BLE001 - classified: infra faults retry, the rest is recorded
+            record.update(
+                status=Status.FAILED.value,
+                error_code=(ErrorCode.INFRA if _is_infra(exc) else ErrorCode.GENERATION_ERROR).value,
+                error_message=f"{type(exc).__name__}: {exc}"[:2000],
+                traceback=traceback.format_exc(limit=20),
+                retry=True,
+            )
+        record["total_s"] = time.time() - task.get("dispatched_at", started)
+        return record
+
+    def stats(self) -> dict[str, float]:
+        span = 0.0
+        if self.first_generate is not None and self.last_generate_end is not None:
+            span = self.last_generate_end - self.first_generate
+        return {"busy_s": self.busy_s, "span_s": span}
+
+    def teardown(self) -> None:
+        self.backend.teardown()
+
+
+def backend_defaults(job: JobSpec) -> tuple[SamplingParams, str]:
+    """Backend defaults overlaid with the job's ``defaults``: what every row starts from."""
+    backend = build_backend(job.model.to_spec())
+    params = backend.default_params().with_overrides(job.defaults.overrides())
+    if job.defaults.two_pass_guidance:
+        from dataclasses import replace
+
+        params = replace(params, guidance_scale_i=None)
+    negative = job.defaults.negative_prompt
+    if negative is None:
+        negative = backend.default_negative_prompt()
+    return params, negative
