@@ -1,0 +1,87 @@
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import pytest
+
+from farm.config import SpecError, load_job, parse_job
+from farm.params import SamplingParams, check_seed, coerce
+
+BASE = {"manifest": "m.parquet", "output": "out", "model": {"backend": "still"}}
+
+
+def test_overrides_coerce_and_check() -> None:
+    p = SamplingParams().with_overrides({"num_frames": 9.0, "height": 64, "width": 96, "guidance_scale": "3.5"})
+    assert (p.num_frames, p.height, p.width, p.guidance_scale) == (9, 64, 96, 3.5)
+    assert SamplingParams().with_overrides({"ip_scale": math.nan}).ip_scale == 1.0  # NaN = not given
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fragment"),
+    [
+        ({"num_frames": 10}, "num_frames=10 must be 4k+1"),
+        ({"height": 100}, "height=100 must be a multiple of 16"),
+        ({"width": 8}, "width=8 is out of range"),
+        ({"guidance_scale": -1}, "guidance_scale=-1.0 is out of range"),
+        ({"num_inference_steps": 2.5}, "num_inference_steps=2.5 is not a valid integer"),
+        ({"ip_scale": "abc"}, "ip_scale='abc' is not a valid number"),
+        ({"ref_scale": math.inf}, "not a finite number"),
+        ({"num_frames": True}, "must be a number, not a boolean"),
+    ],
+)
+def test_bad_overrides_name_field_and_value(overrides: dict, fragment: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(fragment)):
+        SamplingParams().with_overrides(overrides)
+
+
+def test_seed_checks() -> None:
+    assert check_seed(7.0) == 7
+    for bad in (-1, 1.5, "x", True, 2**64):
+        with pytest.raises(ValueError, match="seed"):
+            check_seed(bad)
+    assert coerce("guidance_scale_i", None) is None
+
+
+@pytest.mark.parametrize(
+    ("patch", "fragment"),
+    [
+        ({"model": {"backend": "lynx", "dtype": "fp8"}}, "model.dtype"),
+        ({"defaults": {"height": 100}}, "height=100 must be a multiple of 16"),
+        ({"resources": {"replicas": 0}}, "replicas=0"),
+        ({"resources": {"gpus_per_replica": -1}}, "resources.gpus_per_replica"),
+        ({"identity": {"recognizer": "insightface"}}, "identity.pack is required"),
+        ({"runtime": {"max_attempts": 0}}, "runtime.max_attempts"),
+        ({"unknown_section": 1}, "unknown_section"),
+    ],
+)
+def test_spec_errors_name_field(patch: dict, fragment: str) -> None:
+    with pytest.raises(SpecError, match=fragment):
+        parse_job({**BASE, **patch})
+
+
+def test_missing_required_fields() -> None:
+    with pytest.raises(SpecError, match="manifest") as err:
+        parse_job({"output": "o", "model": {"backend": "still"}})
+    assert "Field required" in str(err.value)
+
+
+def test_load_job_with_cli_overrides(tmp_path: Path) -> None:
+    spec = tmp_path / "job.yaml"
+    spec.write_text("manifest: a.parquet\noutput: out\nmodel: {backend: still}\nresources: {replicas: 2}\n")
+    job = load_job(spec, {"manifest": "b.parquet", "output": None, "resources.replicas": 3})
+    assert (job.manifest, job.output, job.resources.replicas) == ("b.parquet", "out", 3)
+    spec.write_text("- not a mapping\n")
+    with pytest.raises(SpecError, match="expected a mapping"):
+        load_job(spec)
+    spec.write_text("manifest: [unclosed\n")
+    with pytest.raises(SpecError, match="invalid YAML"):
+        load_job(spec)
+
+
+def test_shipped_job_specs_are_valid() -> None:
+    jobs = sorted(Path(__file__).resolve().parents[1].joinpath("jobs").glob("*.yaml"))
+    assert jobs, "jobs/ has example specs"
+    for path in jobs:
+        load_job(path)
