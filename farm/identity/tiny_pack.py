@@ -64,7 +64,7 @@ def build_detector(rng: np.random.Generator):
             if head == "score":
                 bias -= 2.0  # only some anchors clear insightface's 0.5 threshold; flat images give none
             if head == "bbox":
-                bias += 1.0  # boxes a few strides wide
+                bias += 3.0  # box sides about six strides (48 px at stride 8): portrait-sized, not specks
             w_name, b_name = f"{head}{stride}_w", f"{head}{stride}_b"
             inits += [numpy_helper.from_array(weight, w_name), numpy_helper.from_array(bias, b_name)]
             conv, nhwc, flat = f"{head}{stride}_conv", f"{head}{stride}_nhwc", f"{head}{stride}_flat"
