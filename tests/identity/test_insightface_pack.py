@@ -32,7 +32,7 @@ def test_tiny_pack_is_deterministic(tmp_path: Path, tiny_pack: Path) -> None:
 
 
 def test_insightface_model_zoo_routes_the_tiny_files(tiny_pack: Path) -> None:
-    from insightface.model_zoo import ArcFaceONNX, SCRFD, get_model
+    from insightface.model_zoo import SCRFD, ArcFaceONNX, get_model
 
     det = get_model(str(tiny_pack / DETECTOR_FILE), providers=["CPUExecutionProvider"])
     rec = get_model(str(tiny_pack / RECOGNIZER_FILE), providers=["CPUExecutionProvider"])
