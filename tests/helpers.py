@@ -16,7 +16,8 @@ SIX_FACES = "pkg://insightface/data/images/t1.jpg"
 
 
 def write_manifest(path: str | Path, rows: list[dict[str, Any]], schema: pa.Schema | None = None) -> str:
-    table = pa.Table.from_pylist(rows, schema=schema)
+    keys = list(dict.fromkeys(k for r in rows for k in r))  # from_pylist alone would keep the first row's keys
+    table = pa.Table.from_pylist([{k: r.get(k) for k in keys} for r in rows], schema=schema)
     pq.write_table(table, str(path))
     return str(path)
 

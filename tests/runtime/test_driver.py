@@ -1,0 +1,181 @@
+"""End-to-end runtime tests on the session Ray cluster (fake GPUs) with the `still` baseline backend (real, no ML)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+import pytest
+
+from farm.results import read_results
+from farm.runtime.driver import run_job
+from farm.storage import OutputLayout
+from farm.video import read_metadata
+from tests.helpers import ASTRONAUT, rows, still_job, write_manifest
+
+pytestmark = pytest.mark.usefixtures("ray_cluster")
+
+FAST = {"cpus_per_replica": 0.25}
+
+
+def _records(output: str, storage_options: dict | None = None) -> dict[str, dict[str, Any]]:
+    table = read_results(OutputLayout(output, storage_options))
+    ids = table.column("id").to_pylist()
+    assert len(ids) == len(set(ids))
+    return {r["id"]: r for r in table.to_pylist()}
+
+
+def _raw_record_count(output: str) -> int:
+    return sum(pq.read_metadata(p).num_rows for p in OutputLayout(output).result_parts())
+
+
+def test_bad_rows_become_records_and_good_rows_get_videos(tmp_path: Path) -> None:
+    data = rows(3, lang="en") + [
+        {"id": "dup", "portrait": ASTRONAUT, "prompt": "a", "lang": "x"},
+        {"id": "dup", "portrait": ASTRONAUT, "prompt": "b", "lang": "y"},
+        {"id": "bad id!", "portrait": ASTRONAUT, "prompt": "p", "lang": "x"},
+        {"id": "empty", "portrait": ASTRONAUT, "prompt": " ", "lang": "x"},
+        {"id": "range", "portrait": ASTRONAUT, "prompt": "p", "lang": "x", "num_frames": 10},
+        {"id": "missing", "portrait": str(tmp_path / "nope.png"), "prompt": "p", "lang": "x"},
+        {"id": "notimage", "portrait": str(tmp_path / "m.parquet"), "prompt": "p", "lang": "x"},
+        {"id": "noface", "portrait": "pkg://skimage/data/coffee.png", "prompt": "p", "lang": "x"},
+        {"id": "norights", "portrait": ASTRONAUT, "prompt": "p", "lang": "x", "rights_confirmed": False},
+        {"id": None, "portrait": ASTRONAUT, "prompt": "p", "lang": "x"},
+    ]
+    manifest = write_manifest(tmp_path / "m.parquet", data)
+    out = str(tmp_path / "out")
+    summary = run_job(still_job(manifest, out, resources={"replicas": 2, **FAST}), progress=False)
+    recs = _records(out)
+    assert set(recs) == {"row-000", "row-001", "row-002", "dup", "bad id!", "empty", "range", "missing",
+                         "notimage", "noface", "norights", "<row 12>"}
+    expect = {"dup": "duplicate_id", "bad id!": "bad_id", "empty": "empty_prompt", "range": "bad_param",
+              "missing": "portrait_unreadable", "notimage": "portrait_unreadable", "noface": "no_face",
+              "<row 12>": "bad_id", "norights": "rights_not_confirmed"}
+    for row_id, code in expect.items():
+        assert recs[row_id]["error_code"] == code, (row_id, recs[row_id])
+        assert recs[row_id]["video"] is None
+    assert recs["norights"]["status"] == "skipped"
+    assert "num_frames=10" in recs["range"]["error_message"]
+    for i in range(3):
+        rec = recs[f"row-{i:03d}"]
+        assert rec["status"] == "ok" and rec["lang"] == "en" and rec["attempts"] == 1
+        assert (rec["num_frames"], rec["height"], rec["width"], rec["fps"]) == (5, 32, 48, 8)
+        assert Path(rec["video"]).stat().st_size > 0
+        assert rec["generate_s"] >= 0 and rec["total_s"] >= rec["generate_s"]
+        assert "AI-generated" in read_metadata(rec["video"])["comment"]
+    assert summary.counts["ok"] == 3
+    job = json.loads((tmp_path / "out" / "_job.json").read_text())
+    assert job["runs"][-1]["status"] == "finished" and job["model"]["backend"] == "still"
+    # rerun: nothing left to do, still exactly one record per id
+    again = run_job(still_job(manifest, out, resources={"replicas": 1, **FAST}), progress=False)
+    assert again.already_committed == 13 and sum(again.counts.values()) == 0  # 13 rows, 12 ids
+    assert _raw_record_count(out) == 12
+
+
+def test_identity_scored_with_every_video(tmp_path: Path) -> None:
+    manifest = write_manifest(tmp_path / "m.parquet", rows(2))
+    out = str(tmp_path / "out")
+    job = still_job(manifest, out, identity={"enabled": True, "recognizer": "dlib", "frames": 3},
+                    defaults={"num_frames": 9, "height": 256, "width": 256}, resources={"replicas": 1, **FAST})
+    run_job(job, progress=False)
+    recs = _records(out)
+    for rec in recs.values():
+        assert rec["status"] == "ok", rec
+        assert rec["frames_scored"] == 3 and rec["face_frames"] == 3 and rec["face_rate"] == 1.0
+        assert rec["identity_mean"] > 0.9 and rec["identity_distance_mean"] < 0.6
+        assert rec["identity_model"].startswith("dlib")
+        metrics = json.loads((tmp_path / "out" / "metrics" / f"{rec['id']}.json").read_text())
+        assert metrics["identity_mean"] == pytest.approx(rec["identity_mean"])
+
+
+def test_replica_killed_mid_row_then_poison_row(tmp_path: Path) -> None:
+    """An injected SIGKILL on a row's first dispatch: retried elsewhere; a row that always kills is `poison`."""
+    manifest = write_manifest(tmp_path / "m.parquet", rows(8))
+    out = str(tmp_path / "out")
+    faults = {"crash": {"row-002": 1, "row-005": 99}}
+    job = still_job(manifest, out, resources={"replicas": 2, **FAST},
+                    runtime={"inject_faults": faults, "max_attempts": 2})
+    summary = run_job(job, progress=False)
+    recs = _records(out)
+    assert len(recs) == 8
+    assert recs["row-002"]["status"] == "ok" and recs["row-002"]["attempts"] >= 2
+    assert recs["row-005"]["status"] == "failed" and recs["row-005"]["error_code"] == "poison"
+    assert all(recs[f"row-{i:03d}"]["status"] == "ok" for i in (0, 1, 3, 4, 6, 7))
+    assert summary.replica_restarts >= 3
+    assert _raw_record_count(out) == 8
+
+
+def test_external_sigkill_of_a_replica(tmp_path: Path) -> None:
+    import psutil
+
+    manifest = write_manifest(tmp_path / "m.parquet", rows(10))
+    out = str(tmp_path / "out")
+    job = still_job(manifest, out, resources={"replicas": 2, **FAST},
+                    runtime={"inject_faults": {"delay": {f"row-{i:03d}": 0.4 for i in range(10)}}})
+    killed: list[int] = []
+
+    def killer() -> None:
+        deadline = time.time() + 60
+        while time.time() < deadline and not killed:
+            pids = [p.pid for p in psutil.process_iter(["cmdline"])
+                    if any("ray::Replica" in part for part in (p.info["cmdline"] or []))]
+            if len(pids) == 2 and (tmp_path / "out" / "videos").exists():
+                pid = pids[0]
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+                return
+            time.sleep(0.2)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    summary = run_job(job, progress=False)
+    thread.join(5)
+    assert killed, "the test never found a running replica to kill"
+    recs = _records(out)
+    assert len(recs) == 10 and all(r["status"] == "ok" for r in recs.values())
+    assert summary.replica_restarts >= 1
+
+
+def test_hang_becomes_retry_then_timeout(tmp_path: Path) -> None:
+    manifest = write_manifest(tmp_path / "m.parquet", rows(4))
+    out = str(tmp_path / "out")
+    faults = {"hang": {"row-001": 1, "row-003": 99}, "oom": {"row-000": 1}}
+    job = still_job(manifest, out, resources={"replicas": 2, "in_flight_per_replica": 1, **FAST},
+                    runtime={"inject_faults": faults, "max_attempts": 2, "row_timeout_s": 4})
+    run_job(job, progress=False)
+    recs = _records(out)
+    assert recs["row-000"]["status"] == "ok" and recs["row-000"]["attempts"] == 2  # OOM -> another replica
+    assert recs["row-001"]["status"] == "ok" and recs["row-001"]["attempts"] >= 2
+    assert recs["row-003"]["status"] == "failed" and recs["row-003"]["error_code"] == "timeout"
+    assert recs["row-002"]["status"] == "ok"
+
+
+def test_s3_end_to_end(s3_bucket: str, s3_endpoint: dict[str, Any], tmp_path: Path) -> None:
+    import s3fs
+
+    opts = s3_endpoint["storage_options"]
+    fs = s3fs.S3FileSystem(**opts)
+    fs.pipe(f"{s3_bucket}/in/portrait.png", Path(storage_path(ASTRONAUT)).read_bytes())
+    data = rows(3, portrait=f"{s3_bucket}/in/portrait.png")
+    with fs.open(f"{s3_bucket}/in/manifest.parquet", "wb") as fh:
+        pq.write_table(__import__("pyarrow").Table.from_pylist(data), fh)
+    out = f"{s3_bucket}/out"
+    job = still_job(f"{s3_bucket}/in/manifest.parquet", out, storage_options=opts,
+                    resources={"replicas": 1, **FAST})
+    run_job(job, progress=False)
+    recs = _records(out, opts)
+    assert len(recs) == 3 and all(r["status"] == "ok" for r in recs.values())
+    assert all(fs.size(r["video"]) > 0 for r in recs.values())
+    assert fs.exists(f"{s3_bucket}/out/_job.json")
+
+
+def storage_path(uri: str) -> str:
+    from farm.storage import resolve_pkg_uri
+
+    return resolve_pkg_uri(uri)

@@ -1,0 +1,76 @@
+"""Kill the driver process mid-run, rerun the same command: exactly one record per id, committed videos kept."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from farm.results import read_results
+from farm.storage import OutputLayout
+from tests.helpers import rows, write_manifest
+
+pytestmark = pytest.mark.usefixtures("ray_cluster")
+
+
+def _spec(tmp_path: Path, manifest: str, out: str, delay: float) -> Path:
+    spec = {
+        "name": "resume",
+        "manifest": manifest,
+        "output": out,
+        "model": {"backend": "still"},
+        "defaults": {"num_frames": 5, "height": 32, "width": 32, "fps": 8},
+        "identity": {"enabled": False},
+        "resources": {"replicas": 2, "cpus_per_replica": 0.25},
+        "runtime": {"commit_every_rows": 2, "commit_every_s": 0.5,
+                    "inject_faults": {"delay": {f"row-{i:03d}": delay for i in range(40)}}},
+    }
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def _farm(spec: Path, address: str) -> subprocess.Popen:
+    env = {**os.environ, "RAY_ADDRESS": address}
+    return subprocess.Popen([sys.executable, "-m", "farm.cli", "run", str(spec), "--no-progress"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def test_driver_killed_then_rerun(tmp_path: Path) -> None:
+    import ray
+
+    address = ray.get_runtime_context().gcs_address
+    manifest = write_manifest(tmp_path / "m.parquet", rows(16))
+    out = str(tmp_path / "out")
+    spec = _spec(tmp_path, manifest, out, delay=0.3)
+    layout = OutputLayout(out)
+    proc = _farm(spec, address)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(layout.result_parts()) < 2:
+        assert proc.poll() is None, proc.stdout.read().decode()
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    first = read_results(layout)
+    committed = set(first.column("id").to_pylist())
+    assert 0 < len(committed) < 16, "the driver should die mid-run"
+    stamps = {i: os.stat(tmp_path / "out" / "videos" / f"{i}.mp4").st_mtime_ns for i in committed}
+
+    rerun = _farm(spec, address)
+    output = rerun.communicate(timeout=300)[0].decode()
+    assert rerun.returncode == 0, output
+    final = read_results(layout)
+    ids = final.column("id").to_pylist()
+    assert sorted(ids) == [f"row-{i:03d}" for i in range(16)]
+    assert set(final.column("status").to_pylist()) == {"ok"}
+    raw = sum(pq.read_metadata(p).num_rows for p in layout.result_parts())
+    assert raw == 16, "no id may be committed twice"
+    for row_id, stamp in stamps.items():
+        assert os.stat(tmp_path / "out" / "videos" / f"{row_id}.mp4").st_mtime_ns == stamp, f"{row_id} regenerated"
