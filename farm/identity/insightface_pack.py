@@ -157,13 +157,26 @@ def load_insightface_pack(
     storage_options: dict[str, Any] | None = None,
     det_size: tuple[int, int] = DEFAULT_DET_SIZE,
     det_thresh: float = 0.5,
+    threads: int | None = None,
 ) -> tuple[FaceDetector, FaceEmbedder]:
-    """(detector, embedder) from a pack folder, zip or fsspec URI; CPU execution (scoring stays off the GPU)."""
+    """(detector, embedder) from a pack folder, zip or fsspec URI; CPU execution (scoring stays off the GPU).
+
+    ``threads`` caps onnxruntime's intra-op threads per model (``None``: its default, all cores); set 1 when several
+    scorers share a machine's cores.
+    """
     model_zoo = _insightface_model_zoo()
     folder = local_pack_dir(uri, storage_options)
+    kwargs: dict[str, Any] = {"providers": CPU_PROVIDERS}
+    if threads is not None:
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = int(threads)
+        options.inter_op_num_threads = 1
+        kwargs["sess_options"] = options
     detector = recognizer = None
     for onnx_file in sorted(folder.glob("*.onnx")):
-        model = model_zoo.get_model(str(onnx_file), providers=CPU_PROVIDERS)
+        model = model_zoo.get_model(str(onnx_file), **kwargs)
         task = getattr(model, "taskname", None)
         if task == "detection" and detector is None and getattr(model, "use_kps", False):
             detector = model

@@ -191,7 +191,8 @@ def build_recognizer(
 
     ``insightface`` needs ``pack``: a folder, zip or fsspec URI of an insightface model pack.
 
-    ``options``: dlib ``upsample``, ``min_score``, ``num_jitters``; insightface ``det_size``, ``det_thresh``.
+    ``options``: dlib ``upsample``, ``min_score``, ``num_jitters``; insightface ``det_size``, ``det_thresh``,
+    ``threads``.
     """
     if name == "dlib":
         from farm.identity.dlib_models import DEFAULT_MIN_SCORE, DlibDetector, DlibEmbedder
@@ -211,6 +212,7 @@ def build_recognizer(
             storage_options,
             det_size=tuple(options.get("det_size", DEFAULT_DET_SIZE)),
             det_thresh=float(options.get("det_thresh", 0.5)),
+            threads=options.get("threads"),
         )
         return Recognizer("insightface", detector, embedder)
     raise ValueError(f"unknown recognizer {name!r}; choose one of {list(RECOGNIZERS)}")
