@@ -46,7 +46,9 @@ class PerceiverAttention(nn.Module):
 
 def _feed_forward(dim: int, mult: int) -> nn.Sequential:
     inner = int(dim * mult)
-    return nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, inner, bias=False), nn.GELU(), nn.Linear(inner, dim, bias=False))
+    return nn.Sequential(
+        nn.LayerNorm(dim), nn.Linear(dim, inner, bias=False), nn.GELU(), nn.Linear(inner, dim, bias=False)
+    )
 
 
 class Resampler(nn.Module):
@@ -70,7 +72,10 @@ class Resampler(nn.Module):
         self.proj_out = nn.Linear(dim, output_dim)
         self.norm_out = nn.LayerNorm(output_dim)
         self.layers = nn.ModuleList(
-            [nn.ModuleList([PerceiverAttention(dim, dim_head, heads), _feed_forward(dim, ff_mult)]) for _ in range(depth)]
+            [
+                nn.ModuleList([PerceiverAttention(dim, dim_head, heads), _feed_forward(dim, ff_mult)])
+                for _ in range(depth)
+            ]
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -153,4 +153,6 @@ def verify_checksums(folder: Path) -> None:
     recorded = json.loads((folder / MANIFEST).read_text())["files"]
     for rel, info in recorded.items():
         if _sha256(folder / rel) != info["sha256"]:
-            raise LynxWeightsError(f"{folder / rel}: sha256 differs from the cache manifest; delete {folder} to refetch")
+            raise LynxWeightsError(
+                f"{folder / rel}: sha256 differs from the cache manifest; delete {folder} to refetch"
+            )

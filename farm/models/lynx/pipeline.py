@@ -1,0 +1,338 @@
+"""One Lynx generation, top to bottom: inputs -> prompt embeddings -> ID tokens -> reference buffer -> latents ->
+denoising loop with 3-pass (or 2-pass) guidance -> VAE decode -> float32 frames.
+
+Numerics follow the official inference (fp32 on CPU agrees within 1e-3; see the fidelity harness):
+
+* initial latents: ``randn`` of ``(1, 16, (F-1)//4+1, H/8, W/8)`` in fp32 from a CPU ``torch.Generator`` seeded with
+  ``seed``; reference-image VAE sampling: a fresh CPU generator seeded ``seed + 1`` for the face and again for the
+  all-zero image (so both draw the same noise);
+* schedule: the official (diffusers 0.33.1) UniPC flow sigmas by default (``schedule="official"``);
+  ``schedule="diffusers"`` uses the installed diffusers' own spacing instead (different frames);
+* prompts are cleaned as Wan does, padded to 512 tokens with zero embeddings, and the padding is attended;
+* unconditional ID tokens = the resampler applied to a zero embedding; unconditional reference = the buffer from
+  the all-zero image; the ID-only pass uses the negative prompt with the real ID tokens and reference.
+
+Reuse inside a replica is lossless: prompt embeddings (per prompt), ID tokens (per embedding), the reference VAE
+posterior (per face) and reference buffers (per face and seed, as the official sampling noise depends on the seed)
+are kept in bounded LRU caches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from farm.models.lynx.loader import LynxModel
+from farm.params import SamplingParams
+
+REF_PROMPT = "image of a face"
+MAX_TEXT_TOKENS = 512
+REF_FACE_SIZE = 256
+ARCFACE_DIM = 512
+SCHEDULES = ("official", "diffusers")
+
+# The official scripts' negative prompt (infer.py / infer_lite.py).
+OFFICIAL_NEGATIVE_PROMPT = (
+    "Bright tones, overexposed, blurred background, static, subtitles, style, works, paintings, images, overall gray, "
+    "worst quality, low quality, JPEG compression residue, ugly, incomplete, extra fingers, poorly drawn hands, "
+    "poorly drawn faces, deformed, disfigured, misshapen limbs, fused fingers, still picture, messy background, "
+    "three legs, many people in the background, walking backwards"
+)
+
+
+class LRU:
+    """A small bounded mapping; ``get_or_make`` counts hits so benchmarks can report reuse."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.data: OrderedDict[Any, Any] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def get_or_make(self, key: Any, make: Callable[[], Any]) -> Any:
+        if key in self.data:
+            self.hits += 1
+            self.data.move_to_end(key)
+            return self.data[key]
+        self.misses += 1
+        value = make()
+        if self.size > 0:
+            self.data[key] = value
+            while len(self.data) > self.size:
+                self.data.popitem(last=False)
+        return value
+
+    def clear(self) -> None:
+        self.data.clear()
+
+
+def official_flow_sigmas(num_steps: int, num_train_timesteps: int = 1000) -> np.ndarray:
+    """The unshifted flow sigmas diffusers 0.33.1 uses (1 - 1/N down to 1/n steps); the scheduler shifts them."""
+    alphas = np.linspace(1, 1 / num_train_timesteps, num_steps + 1)
+    return np.flip(1.0 - alphas)[:-1].copy()
+
+
+def digest(array: np.ndarray) -> str:
+    arr = np.ascontiguousarray(array)
+    return hashlib.sha256(arr.tobytes() + str((arr.dtype, arr.shape)).encode()).hexdigest()[:24]
+
+
+@dataclass
+class Options:
+    """Per-replica knobs. ``step_cache`` (a diffusers FirstBlockCache threshold) changes outputs; off by default."""
+
+    batch_guidance: bool = True
+    schedule: str = "official"
+    step_cache: float | None = None
+    prompt_cache_size: int = 256
+    subject_cache_size: int = 32
+
+
+class LynxPipeline:
+    """Runs generations on a loaded ``LynxModel``. Not thread-safe (one per replica)."""
+
+    def __init__(self, model: LynxModel, options: Options | None = None) -> None:
+        self.model = model
+        self.options = options or Options()
+        if self.options.schedule not in SCHEDULES:
+            raise ValueError(f"schedule={self.options.schedule!r} is unknown; choose one of {SCHEDULES}")
+        n = self.options.subject_cache_size
+        self.prompt_cache = LRU(self.options.prompt_cache_size)
+        self.id_cache = LRU(n)
+        self.posterior_cache = LRU(n + 1)
+        self.ref_cache = LRU(n + 1)
+        self.dit_forwards = 0  # every transformer call, batched or not, counts once
+        self.dit_samples = 0  # every sample through the transformer (a 3-way batched call counts 3)
+        self._cache_enabled = False
+        if self.options.step_cache is not None:
+            from diffusers import FirstBlockCacheConfig
+
+            self.model.transformer.enable_cache(FirstBlockCacheConfig(threshold=float(self.options.step_cache)))
+            self._cache_enabled = True
+
+    # ---------------------------------------------------------------- conditioning
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    def _text_embeds(self, text: str, clean: bool) -> torch.Tensor:
+        """``(1, 512, D)`` UMT5 states of ``text``, trimmed to its tokens and zero-padded (as Wan does)."""
+        from diffusers.pipelines.wan.pipeline_wan import prompt_clean
+
+        if clean:
+            text = prompt_clean(text)
+        tok = self.model.tokenizer(
+            [text],
+            padding="max_length",
+            max_length=MAX_TEXT_TOKENS,
+            truncation=True,
+            add_special_tokens=True,
+            return_attention_mask=True,
+            return_tensors="pt",
+        )
+        enc = self.model.text_encoder
+        enc_device = next(enc.parameters()).device
+        mask = tok.attention_mask.to(enc_device)
+        length = int(mask.gt(0).sum())
+        states = enc(tok.input_ids.to(enc_device), mask).last_hidden_state.to(self.dtype)
+        out = torch.zeros_like(states)
+        out[:, :length] = states[:, :length]
+        return out.to(self.device)
+
+    def prompt_embeds(self, text: str) -> torch.Tensor:
+        return self.prompt_cache.get_or_make(("prompt", text), lambda: self._text_embeds(text, clean=True))
+
+    def id_tokens(self, embedding: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ID tokens, unconditional ID tokens = resampler(zero embedding)), each ``(1, Q, C)``."""
+        emb = np.asarray(embedding, dtype=np.float32).reshape(-1)
+        if emb.shape != (self.model.config.embedding_dim,):
+            raise ValueError(
+                f"face embedding has {emb.shape[0]} values; this checkpoint's resampler takes "
+                f"{self.model.config.embedding_dim} (an ArcFace vector)"
+            )
+
+        def make() -> tuple[torch.Tensor, torch.Tensor]:
+            x = torch.from_numpy(emb).to(self.device, self.dtype)[None, None, :]
+            return self.model.resampler(x), self.model.resampler(x * 0)
+
+        return self.id_cache.get_or_make(digest(emb), make)
+
+    def _posterior(self, image: torch.Tensor, key: str):
+        vae = self.model.vae
+        return self.posterior_cache.get_or_make(key, lambda: vae.encode(image).latent_dist)
+
+    def _face_tensor(self, face: np.ndarray) -> torch.Tensor:
+        arr = np.asarray(face)
+        if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
+            raise ValueError(f"aligned face must be RGB uint8 (H, W, 3), got dtype={arr.dtype} shape={arr.shape}")
+        x = torch.from_numpy(np.ascontiguousarray(arr)) / 255.0 * 2 - 1
+        return x.permute(2, 0, 1)[None, :, None].to(self.device, self.model.vae.dtype)
+
+    def _ref_buffer(self, face: np.ndarray, face_key: str, seed: int, drop: bool) -> dict[int, torch.Tensor]:
+        """The per-block self-attention inputs of a DiT pass over the face latent at t=0 (``drop``: all-zero image)."""
+        model = self.model
+        image = self._face_tensor(face)
+        if drop:
+            image = image * 0
+            face_key = f"zero:{image.shape}"
+        dist = self._posterior(image, face_key)
+        generator = torch.Generator().manual_seed(seed + 1) if seed >= 0 else None
+        latent = dist.sample(generator=generator)
+        vae_cfg = model.vae.config
+        mean = torch.tensor(vae_cfg.latents_mean).view(1, vae_cfg.z_dim, 1, 1, 1).to(latent.device, latent.dtype)
+        inv_std = 1.0 / torch.tensor(vae_cfg.latents_std).view(1, vae_cfg.z_dim, 1, 1, 1).to(
+            latent.device, latent.dtype
+        )
+        latent = (latent - mean) * inv_std
+        text = self.prompt_cache.get_or_make(("ref", REF_PROMPT), lambda: self._text_embeds(REF_PROMPT, clean=False))
+        state = model.state
+        state.clear()
+        state.ref_mode = "record"
+        try:
+            self._forward(latent, torch.tensor([0], dtype=torch.long, device=self.device), text.to(latent.dtype), 1)
+            return dict(state.ref_buffer)
+        finally:
+            state.clear()
+
+    def ref_buffers(self, face: np.ndarray, seed: int) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+        """(reference buffer, unconditional reference buffer) for a 256x256 aligned face and a seed."""
+        key = digest(face)
+        cond = self.ref_cache.get_or_make((key, seed), lambda: self._ref_buffer(face, key, seed, drop=False))
+        uncond = self.ref_cache.get_or_make(("zero", face.shape, seed), lambda: self._ref_buffer(face, key, seed, True))
+        return cond, uncond
+
+    # ---------------------------------------------------------------- denoising
+    def _forward(self, latents: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor, samples: int) -> torch.Tensor:
+        self.dit_forwards += 1
+        self.dit_samples += samples
+        transformer = self.model.transformer
+        if self._cache_enabled:
+            with transformer.cache_context(f"lynx-{samples}"):
+                return transformer(latents, timestep, text, return_dict=False)[0]
+        return transformer(latents, timestep, text, return_dict=False)[0]
+
+    def _run_passes(self, latents, t, passes, ip_scale, ref_scale, batched: bool) -> list[torch.Tensor]:
+        """One transformer evaluation per guidance pass (or one stacked evaluation for all); same numbers."""
+        state = self.model.state
+        groups = [passes] if batched else [[p] for p in passes]
+        outs: list[torch.Tensor] = []
+        for group in groups:
+            n = len(group)
+            state.clear()
+            state.ip_scale, state.ref_scale = ip_scale, ref_scale
+            state.ip_tokens = torch.cat([p[1] for p in group]) if group[0][1] is not None else None
+            if group[0][2] is not None:
+                state.ref_mode = "read"
+                state.ref_buffer = {i: torch.cat([p[2][i] for p in group]) for i in group[0][2]}
+            text = torch.cat([p[0] for p in group])
+            x = latents.to(self.dtype).expand(n, -1, -1, -1, -1)
+            try:
+                noise = self._forward(x, t.expand(n), text, n)
+            finally:
+                state.clear()
+            outs.extend(noise.chunk(n))
+        return outs
+
+    def _scheduler(self, steps: int):
+        from diffusers import UniPCMultistepScheduler
+
+        scheduler = UniPCMultistepScheduler.from_config(self.model.scheduler.config)
+        if self.options.schedule == "official":
+            sigmas = official_flow_sigmas(steps, scheduler.config.num_train_timesteps)
+            scheduler.set_timesteps(sigmas=sigmas, device=self.device)
+        else:
+            scheduler.set_timesteps(steps, device=self.device)
+        return scheduler
+
+    def check(self, params: SamplingParams) -> None:
+        params.check()
+
+    @torch.no_grad()
+    def generate(
+        self,
+        face_embedding: np.ndarray,
+        aligned_face: np.ndarray | None,
+        prompt: str,
+        negative_prompt: str,
+        params: SamplingParams,
+        seed: int,
+        batch_guidance: bool | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> np.ndarray:
+        """float32 frames ``(F, H, W, 3)`` in [0, 1]. ``aligned_face`` (256x256 RGB uint8) is required for full."""
+        model = self.model
+        self.check(params)
+        if not prompt:
+            raise ValueError("prompt is empty; Lynx needs a text prompt")
+        use_ref = model.config.ref_adapter
+        if use_ref and aligned_face is None:
+            raise ValueError("the full variant needs the aligned 256x256 face for its Ref-adapter (aligned_face=None)")
+        batched = self.options.batch_guidance if batch_guidance is None else batch_guidance
+
+        # conditioning
+        pos = self.prompt_embeds(prompt)
+        cfg = params.guidance_scale > 1.0
+        neg = self.prompt_embeds(negative_prompt or "") if cfg else None
+        ip, ip0 = self.id_tokens(face_embedding)
+        ref, ref0 = self.ref_buffers(aligned_face, seed) if use_ref else (None, None)
+
+        # latents (the official RNG: one CPU generator seeded with `seed`, fp32)
+        generator = torch.Generator().manual_seed(seed) if seed >= 0 else None
+        shape = (
+            1,
+            model.transformer.config.in_channels,
+            (params.num_frames - 1) // 4 + 1,
+            params.height // 8,
+            params.width // 8,
+        )
+        latents = torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device)
+
+        passes = [(pos, ip, ref)]
+        if cfg:
+            passes.append((neg, ip0, ref0))
+            if params.guidance_scale_i is not None:
+                passes.append((neg, ip, ref))
+        scheduler = self._scheduler(params.num_inference_steps)
+        g, gi = params.guidance_scale, params.guidance_scale_i
+        for i, t in enumerate(scheduler.timesteps):
+            outs = self._run_passes(latents, t, passes, params.ip_scale, params.ref_scale, batched)
+            if len(outs) == 3:
+                cond, uncond, id_only = outs
+                noise = uncond + gi * (id_only - uncond) + g * (cond - id_only)
+            elif len(outs) == 2:
+                cond, uncond = outs
+                noise = uncond + g * (cond - uncond)
+            else:
+                noise = outs[0]
+            latents = scheduler.step(noise, t, latents, return_dict=False)[0]
+            if progress is not None:
+                progress(i + 1, len(scheduler.timesteps))
+        return self.decode(latents)
+
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        vae = self.model.vae
+        cfg = vae.config
+        latents = latents.to(vae.dtype)
+        mean = torch.tensor(cfg.latents_mean).view(1, cfg.z_dim, 1, 1, 1).to(latents.device, latents.dtype)
+        inv_std = 1.0 / torch.tensor(cfg.latents_std).view(1, cfg.z_dim, 1, 1, 1).to(latents.device, latents.dtype)
+        video = vae.decode(latents / inv_std + mean, return_dict=False)[0]  # (1, 3, F, H, W) in [-1, 1]
+        frames = (video[0] * 0.5 + 0.5).clamp(0, 1).permute(1, 2, 3, 0)
+        return frames.float().cpu().numpy()
+
+    def reset_counters(self) -> None:
+        self.dit_forwards = 0
+        self.dit_samples = 0
+
+    def clear_caches(self) -> None:
+        for cache in (self.prompt_cache, self.id_cache, self.posterior_cache, self.ref_cache):
+            cache.clear()
