@@ -14,7 +14,15 @@ from pathlib import Path
 
 import numpy as np
 
-from farm.identity.faces import Face, FaceDetector, FaceEmbedder, check_image, file_digest, make_face
+from farm.identity.faces import (
+    Face,
+    FaceDetector,
+    FaceEmbedder,
+    check_image,
+    file_digest,
+    l2_normalize,
+    make_face,
+)
 
 MODELS_PACKAGE = "face_recognition_models"
 LANDMARKS_68 = "shape_predictor_68_face_landmarks.dat"
@@ -118,3 +126,6 @@ class DlibEmbedder(FaceEmbedder):
             shape = self._landmarks(image, _rectangle(face.bbox))
             vector = self._net.compute_face_descriptor(image, shape, self.num_jitters)
         return np.asarray(vector, dtype=np.float32)
+
+    def embed(self, image_rgb_uint8: np.ndarray, face: Face) -> np.ndarray:
+        return l2_normalize(self.embed_raw(image_rgb_uint8, face))

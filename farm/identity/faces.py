@@ -28,9 +28,9 @@ ARCFACE_TEMPLATE = np.array(
 DEFAULT_MIN_FACE_SIZE = 32
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Face:
-    """One detected face in image pixels."""
+    """One detected face in image pixels (compared by identity: its fields are arrays)."""
 
     bbox: np.ndarray  # (4,) float32 x1, y1, x2, y2
     kps: np.ndarray  # (5, 2) float32, insightface order
@@ -227,9 +227,12 @@ class FaceEmbedder(ABC):
         """Short digest of the weights (goes into ``identity_model``)."""
 
     @abstractmethod
-    def embed_raw(self, image_rgb_uint8: np.ndarray, face: Face) -> np.ndarray:
-        """The recognizer's own vector, unnormalised (the space its distance threshold is calibrated in)."""
-
     def embed(self, image_rgb_uint8: np.ndarray, face: Face) -> np.ndarray:
         """float32 ``(dim,)`` L2-normalised embedding: cosine similarity is a dot product."""
-        return l2_normalize(self.embed_raw(image_rgb_uint8, face))
+
+    def embed_raw(self, image_rgb_uint8: np.ndarray, face: Face) -> np.ndarray:
+        """The recognizer's own vector before normalisation: the space its distance threshold is calibrated in.
+
+        Embedders whose distance is reported (``reports_distance``) override this; others may keep the unit vector.
+        """
+        return self.embed(image_rgb_uint8, face)

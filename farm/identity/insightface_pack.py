@@ -21,7 +21,15 @@ from typing import Any
 import numpy as np
 
 from farm import storage
-from farm.identity.faces import Face, FaceDetector, FaceEmbedder, check_image, file_digest, make_face
+from farm.identity.faces import (
+    Face,
+    FaceDetector,
+    FaceEmbedder,
+    check_image,
+    file_digest,
+    l2_normalize,
+    make_face,
+)
 
 CPU_PROVIDERS = ["CPUExecutionProvider"]
 DEFAULT_DET_SIZE = (640, 640)
@@ -150,6 +158,9 @@ class InsightFaceEmbedder(FaceEmbedder):
         image = check_image(image_rgb_uint8)
         target = self._face_type(bbox=face.bbox, kps=face.kps, det_score=face.score)
         return np.asarray(self.model.get(_to_bgr(image), target), dtype=np.float32).reshape(-1)
+
+    def embed(self, image_rgb_uint8: np.ndarray, face: Face) -> np.ndarray:
+        return l2_normalize(self.embed_raw(image_rgb_uint8, face))
 
 
 def load_insightface_pack(
