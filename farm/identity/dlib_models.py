@@ -54,8 +54,9 @@ def model_path(filename: str) -> Path:
 
 
 def _rectangle(bbox: np.ndarray):
+    """Our exclusive x2/y2 box -> dlib's inclusive rectangle (the inverse of what ``DlibDetector`` builds)."""
     x1, y1, x2, y2 = (int(round(float(v))) for v in bbox)
-    return _dlib().rectangle(x1, y1, x2, y2)
+    return _dlib().rectangle(x1, y1, x2 - 1, y2 - 1)
 
 
 class DlibDetector(FaceDetector):
