@@ -108,3 +108,15 @@ def test_build_recognizer_errors() -> None:
         build_recognizer("arcface")
     with pytest.raises(ValueError, match="pack"):
         build_recognizer("insightface", None)
+
+
+def test_concurrent_scoring_matches_sequential(dlib_recognizer: Recognizer, astronaut, still_video) -> None:
+    """The runtime scores in threads beside generation; shared dlib objects must not mix up results."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    portrait = dlib_recognizer.portrait_embedding(astronaut)
+    clips = [still_video[i : i + 3] for i in (0, 5, 10, 14)]
+    sequential = [dlib_recognizer.score_frames(c, portrait) for c in clips]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        threaded = list(pool.map(lambda c: dlib_recognizer.score_frames(c, portrait), clips))
+    assert threaded == sequential
