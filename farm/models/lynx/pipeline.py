@@ -83,7 +83,7 @@ def digest(array: np.ndarray) -> str:
     return hashlib.sha256(arr.tobytes() + str((arr.dtype, arr.shape)).encode()).hexdigest()[:24]
 
 
-@dataclass
+@dataclass(frozen=True)
 class Options:
     """Per-replica knobs. ``step_cache`` (a diffusers FirstBlockCache threshold) changes outputs; off by default."""
 

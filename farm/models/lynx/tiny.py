@@ -108,7 +108,42 @@ def _write_tokenizer(folder: Path) -> int:
     (folder / "spiece.model").write_bytes(buffer.getvalue())
     tokenizer = T5Tokenizer.from_pretrained(str(folder), extra_ids=0)
     tokenizer.save_pretrained(str(folder))
+    # The config the Wan folder ships (readable by older transformers too), not the one this version writes.
+    special = {"eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
+    config = {
+        **special,
+        "additional_special_tokens": [],
+        "clean_up_tokenization_spaces": True,
+        "extra_ids": 0,
+        "legacy": True,
+        "model_max_length": 512,
+        "sp_model_kwargs": {},
+        "tokenizer_class": "T5Tokenizer",
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2, sort_keys=True))
     return len(tokenizer)
+
+
+# Config keys newer diffusers write with their default values; the official folders predate them.
+NEWER_VAE_KEYS = (
+    "decoder_base_dim",
+    "in_channels",
+    "is_residual",
+    "out_channels",
+    "patch_size",
+    "scale_factor_spatial",
+    "scale_factor_temporal",
+)
+NEWER_TRANSFORMER_KEYS = ("pos_embed_seq_len",)
+
+
+def _drop_config_keys(folder: Path, keys: tuple[str, ...]) -> None:
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    for key in keys:
+        config.pop(key, None)
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _seeded(seed: int, part: int):
@@ -167,6 +202,7 @@ def make_tiny_checkpoint(directory: str | Path, seed: int = 0, with_insightface:
         _seeded(seed, 2)
         vae = AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1, attn_scales=[])
         vae.save_pretrained(str(base / "vae"))
+        _drop_config_keys(base / "vae", NEWER_VAE_KEYS)
 
         _seeded(seed, 3)
         transformer = WanTransformer3DModel(
@@ -185,6 +221,7 @@ def make_tiny_checkpoint(directory: str | Path, seed: int = 0, with_insightface:
         )
         _randomize(transformer.blocks, seed, 4, std_scale=1.0)  # non-trivial norms, modulation and attention
         transformer.save_pretrained(str(base / "transformer"))
+        _drop_config_keys(base / "transformer", NEWER_TRANSFORMER_KEYS)
     (base / "scheduler").mkdir(exist_ok=True)
     (base / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER_CONFIG, indent=2))
 

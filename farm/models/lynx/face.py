@@ -1,0 +1,85 @@
+"""Lynx's face preprocessing, as the official inference does it, on the farm's face API.
+
+Largest face -> its 5 keypoints -> ArcFace on the 112 ``norm_crop`` (512-d, unnormalised, as the official
+``FaceEncoderArcFace`` hands it to the resampler) and the extended aligned crop (template moved down 10 px and
+shrunk by 0.8) at 256x256 for the Ref-adapter. Detector and ArcFace come from an insightface pack; the detector
+can be swapped for dlib's (``face_detector="dlib"``), which the demo uses with a tiny random-weight ArcFace.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+
+from farm.identity.faces import FaceDetector, FaceEmbedder, check_image, largest_face, norm_crop
+from farm.records import ErrorCode, RowError
+
+REF_EXTEND_RATIO = 0.8
+REF_SIZE = 256
+DETECTORS = ("insightface", "dlib")
+
+
+@dataclass(frozen=True)
+class LynxSubject:
+    """What generation needs from a portrait (small, picklable: computed on CPU workers, cached per portrait)."""
+
+    embedding: np.ndarray  # (512,) float32
+    aligned_face: np.ndarray  # (256, 256, 3) uint8
+    num_faces: int
+    kps: np.ndarray  # (5, 2)
+
+
+@lru_cache(maxsize=4)
+def face_models(face_pack: str, face_detector: str = "insightface", storage_options_key: Any = None):
+    """(detector, ArcFace) once per process; ``storage_options_key`` is a hashable form of the storage options."""
+    from farm.identity.insightface_pack import load_insightface_pack
+
+    if face_detector not in DETECTORS:
+        raise ValueError(f"face_detector={face_detector!r} is unknown; choose one of {DETECTORS}")
+    options = dict(storage_options_key) if storage_options_key else None
+    detector, embedder = load_insightface_pack(face_pack, options)
+    if face_detector == "dlib":
+        from farm.identity.dlib_models import DlibDetector
+
+        detector = DlibDetector()
+    return detector, embedder
+
+
+def subject_from_image(image: np.ndarray, detector: FaceDetector, embedder: FaceEmbedder) -> LynxSubject:
+    """Detect, pick the largest face, embed and align; ``RowError(NO_FACE)`` if nothing is found."""
+    image = check_image(image)
+    faces = detector.detect(image)
+    face = largest_face(faces)
+    if face is None:
+        raise RowError(ErrorCode.NO_FACE, f"no face found in the portrait ({image.shape[1]}x{image.shape[0]} px)")
+    embedding = np.asarray(embedder.embed_raw(image, face), dtype=np.float32).reshape(-1)
+    aligned = norm_crop(image, face.kps, REF_SIZE, extend_ratio=REF_EXTEND_RATIO)
+    return LynxSubject(embedding=embedding, aligned_face=aligned, num_faces=len(faces), kps=np.asarray(face.kps))
+
+
+def _unused(options: dict[str, Any] | None) -> Any:
+    if not options:
+        return None
+    return tuple(sorted((k, repr(v) if isinstance(v, dict) else v) for k, v in options.items()))
+
+
+def prepare_subject(
+    image: np.ndarray,
+    face_pack: str,
+    face_detector: str = "insightface",
+    storage_options: dict[str, Any] | None = None,
+) -> LynxSubject:
+    if storage_options:
+        from farm.identity.insightface_pack import load_insightface_pack
+
+        detector, embedder = load_insightface_pack(face_pack, storage_options)
+        if face_detector == "dlib":
+            from farm.identity.dlib_models import DlibDetector
+
+            detector = DlibDetector()
+    else:
+        detector, embedder = face_models(face_pack, face_detector)
+    return subject_from_image(image, detector, embedder)
