@@ -7,6 +7,7 @@ No real pack can be downloaded here, so the insightface code path is exercised w
   keypoints) ordered scores 8/16/32, boxes 8/16/32, keypoints 8/16/32, each ``(H/s * W/s * 2, 1|4|10)``. Each level is
   an average pool by its stride and a 1x1 convolution; scores pass through a sigmoid, box distances a softplus.
 - ``rec_tiny.onnx`` is ArcFace-shaped: input ``(N, 3, 112, 112)``, one ``(N, 512)`` output (a pool and a linear layer).
+- optionally ``2d106_tiny.onnx``, shaped like insightface's 106-point landmark model (``(N, 3, 192, 192)`` -> 212).
 
 The weights are random (numbers mean nothing), deterministic for a seed, and the files are byte-identical across runs.
 """
@@ -20,6 +21,7 @@ import numpy as np
 
 DETECTOR_FILE = "det_tiny.onnx"
 RECOGNIZER_FILE = "rec_tiny.onnx"
+LANDMARK_FILE = "2d106_tiny.onnx"
 INFO_FILE = "farm_tiny_pack.json"
 STRIDES = (8, 16, 32)
 ANCHORS = 2
@@ -91,24 +93,22 @@ def build_detector(rng: np.random.Generator):
     return model
 
 
-def build_recognizer(rng: np.random.Generator):
-    """The ArcFace-shaped graph (an ``onnx.ModelProto``)."""
+def _pooled_linear(rng: np.random.Generator, name: str, size: int, pool: int, out_dim: int):
+    """``(N, 3, size, size)`` -> average pool -> flatten -> linear -> ``(N, out_dim)``: the shape of ArcFace heads."""
     onnx, TensorProto, helper, numpy_helper = _onnx()
-    cells = 3 * (REC_SIZE // REC_POOL) ** 2
-    weight = (rng.standard_normal((cells, EMBED_DIM)) / np.sqrt(cells)).astype(np.float32)
-    bias = (rng.standard_normal(EMBED_DIM) * 0.01).astype(np.float32)
+    cells = 3 * (size // pool) ** 2
+    weight = (rng.standard_normal((cells, out_dim)) / np.sqrt(cells)).astype(np.float32)
+    bias = (rng.standard_normal(out_dim) * 0.01).astype(np.float32)
     nodes = [
-        helper.make_node(
-            "AveragePool", ["input.1"], ["pooled"], kernel_shape=[REC_POOL, REC_POOL], strides=[REC_POOL, REC_POOL]
-        ),
+        helper.make_node("AveragePool", ["input.1"], ["pooled"], kernel_shape=[pool, pool], strides=[pool, pool]),
         helper.make_node("Flatten", ["pooled"], ["flat"], axis=1),
         helper.make_node("Gemm", ["flat", "fc_w", "fc_b"], ["embedding"]),
     ]
     graph = helper.make_graph(
         nodes,
-        "arcface_tiny",
-        [helper.make_tensor_value_info("input.1", TensorProto.FLOAT, ["None", 3, REC_SIZE, REC_SIZE])],
-        [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["None", EMBED_DIM])],
+        name,
+        [helper.make_tensor_value_info("input.1", TensorProto.FLOAT, ["None", 3, size, size])],
+        [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["None", out_dim])],
         initializer=[numpy_helper.from_array(weight, "fc_w"), numpy_helper.from_array(bias, "fc_b")],
     )
     model = _model(graph, helper)
@@ -116,21 +116,36 @@ def build_recognizer(rng: np.random.Generator):
     return model
 
 
-def write_tiny_insightface_pack(directory: str | Path, seed: int = 0, with_detector: bool = True) -> Path:
+def build_recognizer(rng: np.random.Generator):
+    """The ArcFace-shaped graph (an ``onnx.ModelProto``)."""
+    return _pooled_linear(rng, "arcface_tiny", REC_SIZE, REC_POOL, EMBED_DIM)
+
+
+def build_landmarks(rng: np.random.Generator):
+    """A 2d106det-shaped graph (192x192 in, 212 out): packs carry such models, which loaders must skip."""
+    return _pooled_linear(rng, "landmark_tiny", 192, 16, 212)
+
+
+def write_tiny_insightface_pack(
+    directory: str | Path, seed: int = 0, with_detector: bool = True, with_landmarks: bool = False
+) -> Path:
     """Write the tiny pack into ``directory`` (created if needed); returns the folder.
 
-    ``with_detector=False`` writes only the recognizer (what ``farm models make-tiny`` ships beside a tiny Lynx
-    checkpoint, where the detector comes from elsewhere).
+    ``with_detector=False`` writes only the recognizer; ``with_landmarks=True`` adds ``2d106_tiny.onnx``, a model
+    that is neither detector nor recognizer (like the landmark/attribute files of buffalo_l and antelopev2).
     """
     folder = Path(directory)
     folder.mkdir(parents=True, exist_ok=True)
-    rng_det, rng_rec = (np.random.default_rng([seed, i]) for i in (0, 1))
+    rng_det, rng_rec, rng_lmk = (np.random.default_rng([seed, i]) for i in (0, 1, 2))
     files = []
     if with_detector:
         (folder / DETECTOR_FILE).write_bytes(build_detector(rng_det).SerializeToString())
         files.append(DETECTOR_FILE)
     (folder / RECOGNIZER_FILE).write_bytes(build_recognizer(rng_rec).SerializeToString())
     files.append(RECOGNIZER_FILE)
+    if with_landmarks:
+        (folder / LANDMARK_FILE).write_bytes(build_landmarks(rng_lmk).SerializeToString())
+        files.append(LANDMARK_FILE)
     info = {"random_weights": True, "seed": seed, "files": files, "note": "tiny test pack; scores are meaningless"}
     (folder / INFO_FILE).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
     return folder

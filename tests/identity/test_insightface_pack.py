@@ -16,7 +16,7 @@ import pytest
 from farm.identity.faces import Face, norm_crop
 from farm.identity.insightface_pack import InsightFaceDetector, InsightFaceEmbedder, load_insightface_pack
 from farm.identity.recognizer import METRIC_COLUMNS
-from farm.identity.tiny_pack import DETECTOR_FILE, RECOGNIZER_FILE, write_tiny_insightface_pack
+from farm.identity.tiny_pack import DETECTOR_FILE, LANDMARK_FILE, RECOGNIZER_FILE, write_tiny_insightface_pack
 
 pytestmark = pytest.mark.filterwarnings("ignore:`estimate` is deprecated:FutureWarning")
 
@@ -39,6 +39,13 @@ def test_insightface_model_zoo_routes_the_tiny_files(tiny_pack: Path) -> None:
     assert isinstance(det, SCRFD) and det.use_kps and det.fmc == 3 and det._num_anchors == 2
     assert isinstance(rec, ArcFaceONNX) and rec.input_size == (112, 112)
     assert (rec.input_mean, rec.input_std) == (127.5, 127.5)
+    from farm.identity.tiny_pack import build_landmarks
+
+    (tiny_pack.parent / "lmk").mkdir(exist_ok=True)
+    lmk_file = tiny_pack.parent / "lmk" / LANDMARK_FILE
+    lmk_file.write_bytes(build_landmarks(np.random.default_rng(0)).SerializeToString())
+    lmk = get_model(str(lmk_file), providers=["CPUExecutionProvider"])
+    assert lmk.taskname == "landmark_2d_106"
 
 
 def test_detect_and_embed_return_the_contract_types(tiny_recognizer, astronaut: np.ndarray) -> None:
@@ -86,10 +93,12 @@ def test_recognizer_scores_with_insightface_columns(tiny_recognizer, astronaut: 
 def test_nested_zip_pack_with_extra_models(tmp_path: Path, tiny_pack: Path, monkeypatch) -> None:
     """antelopev2-style: files one folder down inside a zip, beside models that are neither detector nor ArcFace."""
     monkeypatch.setenv("FARM_CACHE", str(tmp_path / "cache"))
+    pack = write_tiny_insightface_pack(tmp_path / "with_landmarks", seed=0, with_landmarks=True)
+    assert sorted(p.name for p in pack.glob("*.onnx"))[0] == LANDMARK_FILE  # routed first, must be skipped
     archive = tmp_path / "antelope_tiny.zip"
     with zipfile.ZipFile(archive, "w") as zf:
-        for name in (DETECTOR_FILE, RECOGNIZER_FILE):
-            zf.write(tiny_pack / name, f"antelope_tiny/{name}")
+        for path in pack.glob("*.onnx"):
+            zf.write(path, f"antelope_tiny/{path.name}")
     detector, embedder = load_insightface_pack(str(archive))
     assert detector.name == "scrfd:det_tiny" and embedder.name == "arcface:rec_tiny"
     assert detector.fingerprint() == load_insightface_pack(str(tiny_pack))[0].fingerprint()
