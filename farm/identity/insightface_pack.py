@@ -4,8 +4,9 @@ A pack is a folder of ONNX files (``buffalo_l``: ``det_10g.onnx`` + ``w600k_r50.
 ``antelopev2``: ``scrfd_10g_bnkps.onnx`` + ``glintr100.onnx`` + ...), a zip of one, or any fsspec URI of either.
 Remote packs are copied once into a local cache (keyed by URI) and reused. Like insightface's ``FaceAnalysis`` we
 route every file by its graph through ``insightface.model_zoo.get_model`` and keep the first detector and the first
-recognizer, so we run insightface's own SCRFD and ArcFace classes (same pre-processing and alignment as Lynx's
-evaluation). Images arrive here as RGB and are handed to insightface as BGR, which is what its models expect.
+recognizer (a pack with insightface's version-2 ``manifest.json`` names those two files itself), so we run
+insightface's own SCRFD and ArcFace classes (same pre-processing and alignment as Lynx's evaluation). Images arrive
+here as RGB and are handed to insightface as BGR, which is what its models expect.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from farm.identity.faces import (
 CPU_PROVIDERS = ["CPUExecutionProvider"]
 DEFAULT_DET_SIZE = (640, 640)
 _DONE = ".farm-complete"
+MANIFEST_FILE = "manifest.json"  # insightface's task manifest (version 2)
 # insightface's face_align still calls scikit-image's deprecated estimate(); the result is unchanged.
 warnings.filterwarnings("ignore", message="`estimate` is deprecated", category=FutureWarning)
 
@@ -96,8 +98,8 @@ def _materialize(uri: str, target: Path, storage_options: dict[str, Any] | None)
             zf.extractall(staging)
         archive.unlink()
     else:
-        names = [n for n in fs.find(path) if n.endswith(".onnx")]
-        if not names:
+        names = fs.find(path)  # ONNX files plus a V2 pack's manifest.json and MODEL.LICENSE
+        if not any(n.endswith(".onnx") for n in names):
             raise FileNotFoundError(f"no .onnx files under {uri!r}; point identity.pack at an insightface model pack")
         prefix = path.rstrip("/") + "/"
         for name in names:
@@ -108,6 +110,12 @@ def _materialize(uri: str, target: Path, storage_options: dict[str, Any] | None)
     (staging / _DONE).write_text(uri)
     shutil.rmtree(target, ignore_errors=True)
     staging.rename(target)
+
+
+def _is_v2_manifest(folder: Path) -> bool:
+    from insightface.model_zoo import has_model_package_manifest
+
+    return bool(has_model_package_manifest(folder))
 
 
 def _to_bgr(image_rgb: np.ndarray) -> np.ndarray:
@@ -185,6 +193,11 @@ def load_insightface_pack(
         options.intra_op_num_threads = int(threads)
         options.inter_op_num_threads = 1
         kwargs["sess_options"] = options
+    if (folder / MANIFEST_FILE).is_file() and _is_v2_manifest(folder):
+        # insightface's task manifest names the files (and may pin their sha256): no routing by graph.
+        detector = model_zoo.get_model(str(folder), model_task="detection", **kwargs)
+        recognizer = model_zoo.get_model(str(folder), model_task="recognition", **kwargs)
+        return InsightFaceDetector(detector, det_size, det_thresh), InsightFaceEmbedder(recognizer)
     detector = recognizer = None
     for onnx_file in sorted(folder.glob("*.onnx")):
         model = model_zoo.get_model(str(onnx_file), **kwargs)

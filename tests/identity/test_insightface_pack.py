@@ -129,3 +129,28 @@ def test_remote_pack_is_fetched_once(tmp_path: Path, tiny_pack: Path, s3_bucket:
     detector2, _ = load_insightface_pack(uri, options)
     assert detector2.fingerprint() == detector.fingerprint()
     shutil.rmtree(tmp_path / "cache")
+
+
+def test_v2_manifest_pack_names_its_files(tmp_path: Path, tiny_pack: Path, astronaut: np.ndarray) -> None:
+    """insightface's task manifest (version 2) picks the files, and a pinned sha256 is checked."""
+    import hashlib
+    import json
+
+    pack = tmp_path / "v2"
+    shutil.copytree(tiny_pack, pack)
+    digest = hashlib.sha256((pack / DETECTOR_FILE).read_bytes()).hexdigest()
+    (pack / "MODEL.LICENSE").write_text("test weights\n")
+    manifest = {
+        "manifest_version": 2,
+        "model_id": "tiny_v2",
+        "license": "MODEL.LICENSE",
+        "tasks": {"detection": {"file": DETECTOR_FILE, "sha256": digest}, "recognition": {"file": RECOGNIZER_FILE}},
+    }
+    (pack / "manifest.json").write_text(json.dumps(manifest))
+    detector, embedder = load_insightface_pack(str(pack))
+    faces = detector.detect(astronaut)
+    assert faces and embedder.embed(astronaut, faces[0]).shape == (512,)
+    manifest["tasks"]["detection"]["sha256"] = "0" * 64
+    (pack / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(RuntimeError, match="SHA-256 mismatch"):
+        load_insightface_pack(str(pack))
