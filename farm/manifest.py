@@ -56,8 +56,17 @@ def _is_string(t: pa.DataType) -> bool:
 class Manifest:
     """A streamable view of one or more Parquet files with a unified schema."""
 
-    def __init__(self, uri: str, storage_options: dict[str, Any] | None = None, batch_rows: int = 8192) -> None:
+    def __init__(
+        self,
+        uri: str,
+        storage_options: dict[str, Any] | None = None,
+        batch_rows: int = 8192,
+        required: tuple[str, ...] = REQUIRED_COLUMNS,
+        known: frozenset[str] = KNOWN_COLUMNS,
+    ) -> None:
         self.uri = uri
+        self.required = required
+        self.known = known
         self.batch_rows = batch_rows
         self.fs, self.files = _expand(uri, storage_options)
         schemas = []
@@ -79,12 +88,12 @@ class Manifest:
 
     def _check_schema(self) -> None:
         names = set(self.schema.names)
-        missing = [c for c in REQUIRED_COLUMNS if c not in names]
+        missing = [c for c in self.required if c not in names]
         if missing:
             raise ManifestError(
                 f"manifest {self.uri!r} lacks required column(s) {missing}; it has {sorted(names)}"
             )
-        for col in ("id", "portrait", "prompt", "negative_prompt"):
+        for col in ("id", "portrait", "prompt", "negative_prompt", "video"):
             if col in names and not _is_string(self.schema.field(col).type):
                 raise ManifestError(f"manifest column {col!r} must be string, got {self.schema.field(col).type}")
         if "rights_confirmed" in names:
@@ -95,7 +104,7 @@ class Manifest:
     @property
     def extra_columns(self) -> list[str]:
         """Columns the farm does not interpret: carried through to the results untouched."""
-        return [n for n in self.schema.names if n not in KNOWN_COLUMNS]
+        return [n for n in self.schema.names if n not in self.known]
 
     def batches(self, columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
         yield from self.dataset.to_batches(columns=columns, batch_size=self.batch_rows)

@@ -7,7 +7,10 @@ those ids. Reading merges all parts and keeps the newest record per id (``commit
 
 from __future__ import annotations
 
+import datetime as dt
 import io
+import time
+import uuid
 from collections.abc import Iterable
 from typing import Any
 
@@ -129,3 +132,45 @@ def read_results(layout: OutputLayout, columns: list[str] | None = None) -> pa.T
     if columns is not None:
         table = table.select(columns if "id" in columns else ["id", *columns])
     return table
+
+
+def new_run_id() -> str:
+    return f"{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
+
+
+class ResultWriter:
+    """Buffers records and commits them as Parquet parts every ``every_rows`` records or ``every_s`` seconds."""
+
+    def __init__(self, layout: OutputLayout, schema: pa.Schema, every_rows: int = 256, every_s: float = 15.0) -> None:
+        self.layout = layout
+        self.schema = schema
+        self.every_rows = every_rows
+        self.every_s = every_s
+        self.run_id = new_run_id()
+        self.buffer: list[dict[str, Any]] = []
+        self.seq = 0
+        self.last_flush = time.monotonic()
+
+    def add(self, record: dict[str, Any]) -> None:
+        self.buffer.append(record)
+        if len(self.buffer) >= self.every_rows:
+            self.flush()
+
+    def due_in(self) -> float:
+        """Seconds until a time-based flush is due (0 = now)."""
+        return max(0.0, self.every_s - (time.monotonic() - self.last_flush))
+
+    def flush_if_due(self) -> None:
+        if self.due_in() == 0.0:
+            self.flush()
+
+    def flush(self) -> None:
+        self.last_flush = time.monotonic()
+        if not self.buffer:
+            return
+        now = dt.datetime.now(dt.timezone.utc)
+        for rec in self.buffer:
+            rec["committed_at"] = now
+        write_part(self.layout, self.run_id, self.seq, self.buffer, self.schema)
+        self.seq += 1
+        self.buffer = []

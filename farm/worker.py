@@ -176,6 +176,7 @@ class RowProcessor:
             record["prepare_s"] = time.perf_counter() - t0
             frames, record["generate_s"] = self._generate(portrait, request, task.get("dispatch", 1))
             t1 = time.perf_counter()
+            frames = self.backend.postprocess(frames, request)
             video = encode_mp4(frames, request.params.fps, self._metadata(request))
             del frames
             uri = self.layout.video(request.id)

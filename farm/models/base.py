@@ -91,5 +91,10 @@ class Backend(ABC):
     def generate(self, subject: Any, request: GenerationRequest) -> np.ndarray:
         """Return float32 frames ``(F, H, W, 3)`` in ``[0, 1]``."""
 
+    def postprocess(self, frames: np.ndarray, request: GenerationRequest) -> np.ndarray:
+        """CPU-side work on finished frames, run outside the model lock so it overlaps the next row's generation
+        (e.g. a safety classifier raising ``RowError(SAFETY_BLOCKED)``). Default: nothing."""
+        return frames
+
     def teardown(self) -> None:  # noqa: B027 - optional hook
         """Release the replica's memory (called when an actor is retired)."""

@@ -2,7 +2,8 @@
 
 It exists so the farm's scheduling overhead can be measured against an ideal (rows x gpu_time / replicas) and against
 other schedulers on the same stand-in workload. Options: ``gpu_time_s`` (sleep in ``generate``), ``prep_time_s``
-(sleep in ``prepare_subject``, i.e. CPU pre-work); frames are a small constant grey clip so encoding stays cheap.
+(sleep in ``prepare_subject``, i.e. CPU pre-work), ``post_time_s`` (sleep in ``postprocess``, CPU post-work beside the
+model) and ``load_time_s`` (sleep in ``setup``); frames are a small constant grey clip so encoding stays cheap.
 """
 
 from __future__ import annotations
@@ -40,3 +41,7 @@ class SimulatedBackend(Backend):
         time.sleep(float(self.spec.options.get("gpu_time_s", 0.0)))
         p = request.params
         return np.full((p.num_frames, p.height, p.width, 3), 0.5, dtype=np.float32)
+
+    def postprocess(self, frames: np.ndarray, request: GenerationRequest) -> np.ndarray:
+        time.sleep(float(self.spec.options.get("post_time_s", 0.0)))
+        return frames

@@ -16,7 +16,6 @@ import math
 import os
 import signal
 import time
-import uuid
 from collections import Counter, deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -79,6 +78,7 @@ class RunSummary:
     replicas: int
     replica_restarts: int
     busy_fraction: float | None = None
+    first_dispatch_s: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -90,6 +90,7 @@ class RunSummary:
             "replicas": self.replicas,
             "replica_restarts": self.replica_restarts,
             "busy_fraction": self.busy_fraction,
+            "first_dispatch_s": self.first_dispatch_s,
         }
 
 
@@ -117,11 +118,7 @@ class Driver:
         self.progress = progress
         self.retry_failed = retry_failed
         self.layout = OutputLayout(job.output, job.storage_options)
-        self.run_id = f"{_utcnow():%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
         self.counts: Counter[str] = Counter()
-        self.buffer: list[dict[str, Any]] = []
-        self.part_seq = 0
-        self.last_flush = time.monotonic()
         self.retry_queue: deque[Task] = deque()
         self.slots: list[Slot] = []
         self.restarts = 0
@@ -129,6 +126,9 @@ class Driver:
         self.fingerprint: str | None = None
         self.model_name: str = ""
         self.bar: tqdm | None = None
+        self.started = time.monotonic()
+        self.run_id = ""
+        self.first_dispatch_s: float | None = None
 
     # ------------------------------------------------------------------ setup
     def _resources(self) -> tuple[int, float, float]:
@@ -219,24 +219,11 @@ class Driver:
     def _commit(self, record: dict[str, Any]) -> None:
         record.pop("retry", None)
         record.pop("traceback", None)
-        self.buffer.append(record)
         self.counts[record["status"]] += 1
         if record.get("error_code"):
             self.counts[f"failed:{record['error_code']}"] += 1
         self._tick()
-        if len(self.buffer) >= self.job.runtime.commit_every_rows:
-            self._flush()
-
-    def _flush(self) -> None:
-        self.last_flush = time.monotonic()
-        if not self.buffer:
-            return
-        now = _utcnow()
-        for rec in self.buffer:
-            rec["committed_at"] = now
-        results.write_part(self.layout, self.run_id, self.part_seq, self.buffer, self.schema)
-        self.part_seq += 1
-        self.buffer = []
+        self.writer.add(record)
 
     def _tick(self) -> None:
         if self.bar is None:
@@ -272,6 +259,8 @@ class Driver:
         deadline = time.monotonic() + self.job.runtime.row_timeout_s * (1 + ahead)
         task.dispatches += 1
         task.first_dispatch = task.first_dispatch or now
+        if self.first_dispatch_s is None:
+            self.first_dispatch_s = time.monotonic() - self.started
         payload = {
             "request": task.request, "portrait": task.row["portrait"], "dispatched_at": now,
             "dispatch": task.dispatches,
@@ -377,13 +366,17 @@ class Driver:
 
     # ------------------------------------------------------------------ main
     def run(self) -> RunSummary:
-        start = time.monotonic()
+        start = self.started = time.monotonic()
         job = self.job
         manifest = Manifest(job.manifest, job.storage_options)
         params, negative = backend_defaults(job)
         defaults = RowDefaults(params, negative, job.defaults.seed, job.runtime.require_rights_confirmed)
         self.extra_columns = manifest.extra_columns
-        self.schema = results.result_schema(pa.schema([manifest.schema.field(c) for c in self.extra_columns]))
+        schema = results.result_schema(pa.schema([manifest.schema.field(c) for c in self.extra_columns]))
+        self.writer = results.ResultWriter(
+            self.layout, schema, job.runtime.commit_every_rows, job.runtime.commit_every_s
+        )
+        self.run_id = self.writer.run_id
         self.model_name = build_backend(job.model.to_spec()).describe()
         done = results.committed_ids(self.layout)
         if self.retry_failed:
@@ -409,7 +402,7 @@ class Driver:
             self._loop(stream)
             status = "finished"
         finally:
-            self._flush()
+            self.writer.flush()
             busy = self._busy_fraction()
             for slot in self.slots:
                 try:
@@ -422,6 +415,7 @@ class Driver:
                 run_id=self.run_id, counts=self.counts, rows_seen=manifest.num_rows,
                 already_committed=self.already_committed, elapsed_s=time.monotonic() - start,
                 replicas=len(self.slots), replica_restarts=self.restarts, busy_fraction=busy,
+                first_dispatch_s=self.first_dispatch_s,
             )
             self._write_job_json(status=status, summary=summary)
             if previous is not None and _in_main_thread():
@@ -438,7 +432,7 @@ class Driver:
             refs = list(inflight) + list(pending_info)
             if not refs:
                 raise JobAborted("no replica is running and rows remain")
-            wait_s = min(1.0, max(0.0, self.job.runtime.commit_every_s - (time.monotonic() - self.last_flush)))
+            wait_s = min(1.0, self.writer.due_in())
             ready, _ = ray.wait(refs, num_returns=1, timeout=wait_s)
             if ready:
                 ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
@@ -461,8 +455,7 @@ class Driver:
                            "error_message": str(exc)[:2000], "retry": True}
                 self._handle_result(slot, task, rec)
             self._check_deadlines()
-            if time.monotonic() - self.last_flush >= self.job.runtime.commit_every_s:
-                self._flush()
+            self.writer.flush_if_due()
 
     def _busy_fraction(self) -> float | None:
         stats = []

@@ -1,0 +1,125 @@
+"""The ``farm`` CLI without Ray: validate, score (resumable), status, results, schemas."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from farm.cli import main
+from farm.results import read_results
+from farm.storage import OutputLayout, read_image
+from farm.video import encode_mp4
+from tests.helpers import ASTRONAUT, SIX_FACES, TOM_HANKS, rows, write_manifest
+
+
+def _job(tmp_path: Path, manifest: str, **extra) -> Path:
+    spec = {"manifest": manifest, "output": str(tmp_path / "out"), "model": {"backend": "still"},
+            "identity": {"enabled": False}, **extra}
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_validate_counts_reasons(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = rows(3) + [
+        {"id": "row-000", "portrait": ASTRONAUT, "prompt": "dup"},
+        {"id": "bad/id", "portrait": ASTRONAUT, "prompt": "p"},
+        {"id": "e1", "portrait": ASTRONAUT, "prompt": ""},
+        {"id": "e2", "portrait": ASTRONAUT, "prompt": None},
+        {"id": "big", "portrait": ASTRONAUT, "prompt": "p", "height": 4096},
+        {"id": "gone", "portrait": str(tmp_path / "gone.png"), "prompt": "p"},
+    ]
+    manifest = write_manifest(tmp_path / "m.parquet", data)
+    assert main(["validate", str(_job(tmp_path, manifest))]) == 1
+    out = capsys.readouterr().out
+    assert "rows: 9  valid: 3  invalid: 6" in out
+    for code, n in (("duplicate_id", 2), ("bad_id", 1), ("empty_prompt", 2), ("bad_param", 1)):
+        assert any(line.split() == [code, str(n)] for line in out.splitlines()), (code, out)
+    assert main(["validate", str(_job(tmp_path, manifest)), "--check-portraits"]) == 1
+    out = capsys.readouterr().out
+    assert any(line.split() == ["portrait_unreadable", "1"] for line in out.splitlines()), out
+    good = write_manifest(tmp_path / "good.parquet", rows(2))
+    assert main(["validate", str(_job(tmp_path, manifest)), "--manifest", good]) == 0
+
+
+def test_validate_reports_spec_and_schema_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    manifest = write_manifest(tmp_path / "m.parquet", [{"id": "a", "prompt": "p"}])
+    assert main(["validate", str(_job(tmp_path, manifest))]) == 2
+    assert "lacks required column(s) ['portrait']" in capsys.readouterr().err
+    assert main(["validate", str(_job(tmp_path, manifest, defaults={"guidance_scale": -2}))]) == 2
+    assert "guidance_scale=-2.0 is out of range" in capsys.readouterr().err
+
+
+def _still_video(path: Path, portrait: str, frames: int = 8) -> str:
+    img = read_image(portrait)
+    path.write_bytes(encode_mp4(np.repeat(img[None], frames, axis=0), 8))
+    return str(path)
+
+
+def test_score_is_resumable_and_scores_real_faces(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rng = np.random.default_rng(0)
+    noise = tmp_path / "noise.mp4"
+    noise.write_bytes(encode_mp4(rng.integers(0, 255, (8, 128, 128, 3), dtype=np.uint8), 8))
+    frames_dir = tmp_path / "frames"
+    frames_dir.mkdir()
+    from PIL import Image
+
+    for i in range(3):
+        Image.fromarray(read_image(ASTRONAUT)).save(frames_dir / f"f{i}.png")
+    data = [
+        {"id": "same", "portrait": ASTRONAUT, "video": _still_video(tmp_path / "a.mp4", ASTRONAUT), "gen": "x"},
+        {"id": "other", "portrait": TOM_HANKS, "video": str(tmp_path / "a.mp4"), "gen": "x"},
+        {"id": "noise", "portrait": ASTRONAUT, "video": str(noise), "gen": "y"},
+        {"id": "dir", "portrait": ASTRONAUT, "video": str(frames_dir), "gen": "z"},
+        {"id": "missing", "portrait": ASTRONAUT, "video": str(tmp_path / "none.mp4"), "gen": "z"},
+    ]
+    manifest = write_manifest(tmp_path / "score.parquet", data[:3])
+    out = str(tmp_path / "scores")
+    assert main(["score", manifest, "--output", out, "--frames", "4", "--workers", "1", "--no-progress"]) == 0
+    capsys.readouterr()
+    first = {r["id"]: r for r in read_results(OutputLayout(out)).to_pylist()}
+    assert first["same"]["identity_mean"] > 0.9 and first["same"]["identity_distance_mean"] < 0.6
+    assert first["other"]["identity_distance_mean"] > 0.6
+    assert first["same"]["identity_mean"] > first["other"]["identity_mean"]
+    assert first["noise"]["identity_mean"] is None and first["noise"]["face_rate"] == 0.0
+    assert first["same"]["gen"] == "x"
+    # rerun with more rows: only the new ones are scored
+    manifest = write_manifest(tmp_path / "score.parquet", data)
+    assert main(["score", manifest, "--output", out, "--frames", "4", "--workers", "1", "--no-progress"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["counts"] == {"already_committed": 3, "ok": 1, "failed": 1}
+    final = {r["id"]: r for r in read_results(OutputLayout(out)).to_pylist()}
+    assert set(final) == {"same", "other", "noise", "dir", "missing"}
+    assert final["dir"]["face_frames"] == 3
+    assert final["missing"]["error_code"] == "video_unreadable"
+    assert sum(pq.read_metadata(p).num_rows for p in OutputLayout(out).result_parts()) == 5
+
+
+def test_status_and_results_export(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = [{"id": "a", "portrait": SIX_FACES, "video": str(tmp_path / "none.mp4")}]
+    out = str(tmp_path / "scores")
+    assert main(["score", write_manifest(tmp_path / "m.parquet", data), "--output", out, "--no-progress",
+                 "--workers", "1"]) == 0
+    capsys.readouterr()
+    assert main(["status", out]) == 0
+    text = capsys.readouterr().out
+    assert "records: 1" in text and "video_unreadable" in text
+    assert main(["results", out, "--format", "jsonl"]) == 0
+    line = json.loads(capsys.readouterr().out.strip())
+    assert line["id"] == "a" and line["status"] == "failed"
+    target = tmp_path / "export.parquet"
+    assert main(["results", out, "--format", "parquet", "--to", str(target)]) == 0
+    assert pq.read_table(target).num_rows == 1
+    assert main(["results", out]) == 0
+    assert "video_unreadable" in capsys.readouterr().out
+
+
+def test_schemas_command_writes_files(tmp_path: Path) -> None:
+    assert main(["schemas", "--dir", str(tmp_path)]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["job.schema.json", "manifest.schema.json",
+                                                          "result.schema.json"]
