@@ -117,7 +117,9 @@ class Recognizer:
                 return hit
         faces = self.detector.detect(image)
         face = pick_portrait_face(faces, strict=strict, min_face_size=min_face_size)
-        result = PortraitIdentity(face=face, embedding=self.embedder.embed_raw(image, face), num_faces=len(faces))
+        embedding = np.array(self.embedder.embed_raw(image, face), dtype=np.float32)
+        embedding.setflags(write=False)  # shared through the cache
+        result = PortraitIdentity(face=face, embedding=embedding, num_faces=len(faces))
         with self._lock:
             self._cache[key] = result
             while len(self._cache) > self._cache_size:
