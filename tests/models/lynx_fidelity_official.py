@@ -44,7 +44,7 @@ def main() -> None:
     job = json.loads(str(data["job"]))
     embedding = data["embedding"].astype(np.float32)
     face = Image.fromarray(data["face"])
-    base = str(Path(args.checkpoint) / "base")
+    base = str(Path(args.checkpoint) / "Wan2.1-T2V-14B-Diffusers")
     adapter = Path(args.checkpoint) / f"lynx_{args.variant}"
     sizes = json.loads((adapter / "lynx_adapter.json").read_text())
     res = load_file(str(adapter / "resampler.safetensors"))

@@ -8,6 +8,7 @@ can be swapped for dlib's (``face_detector="dlib"``), which the demo uses with a
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -33,13 +34,13 @@ class LynxSubject:
 
 
 @lru_cache(maxsize=4)
-def face_models(face_pack: str, face_detector: str = "insightface", storage_options_key: Any = None):
-    """(detector, ArcFace) once per process; ``storage_options_key`` is a hashable form of the storage options."""
+def face_models(face_pack: str, face_detector: str = "insightface", storage_options_json: str | None = None):
+    """(detector, ArcFace) once per process; storage options come as JSON so the call can be cached."""
     from farm.identity.insightface_pack import load_insightface_pack
 
     if face_detector not in DETECTORS:
         raise ValueError(f"face_detector={face_detector!r} is unknown; choose one of {DETECTORS}")
-    options = dict(storage_options_key) if storage_options_key else None
+    options = json.loads(storage_options_json) if storage_options_json else None
     detector, embedder = load_insightface_pack(face_pack, options)
     if face_detector == "dlib":
         from farm.identity.dlib_models import DlibDetector
@@ -60,26 +61,13 @@ def subject_from_image(image: np.ndarray, detector: FaceDetector, embedder: Face
     return LynxSubject(embedding=embedding, aligned_face=aligned, num_faces=len(faces), kps=np.asarray(face.kps))
 
 
-def _unused(options: dict[str, Any] | None) -> Any:
-    if not options:
-        return None
-    return tuple(sorted((k, repr(v) if isinstance(v, dict) else v) for k, v in options.items()))
-
-
 def prepare_subject(
     image: np.ndarray,
     face_pack: str,
     face_detector: str = "insightface",
     storage_options: dict[str, Any] | None = None,
 ) -> LynxSubject:
-    if storage_options:
-        from farm.identity.insightface_pack import load_insightface_pack
-
-        detector, embedder = load_insightface_pack(face_pack, storage_options)
-        if face_detector == "dlib":
-            from farm.identity.dlib_models import DlibDetector
-
-            detector = DlibDetector()
-    else:
-        detector, embedder = face_models(face_pack, face_detector)
+    """Portrait -> ``LynxSubject`` with the pack's models (loaded once per process)."""
+    key = json.dumps(storage_options, sort_keys=True) if storage_options else None
+    detector, embedder = face_models(face_pack, face_detector, key)
     return subject_from_image(image, detector, embedder)

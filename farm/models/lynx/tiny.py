@@ -2,13 +2,13 @@
 
 ``make_tiny_checkpoint(DIR, seed)`` writes::
 
-    DIR/base/        Wan2.1-T2V-14B-Diffusers layout: model_index.json, tokenizer/ (sentencepiece unigram trained
-                     here, offline), text_encoder/ (UMT5), vae/ (AutoencoderKLWan), transformer/, scheduler/
+    DIR/Wan2.1-T2V-14B-Diffusers/  model_index.json, tokenizer/ (sentencepiece unigram trained here, offline),
+                     text_encoder/ (UMT5), vae/ (AutoencoderKLWan), transformer/, scheduler/
     DIR/lynx_full/   resampler.safetensors, ip_layers.safetensors (with registers), ref_layers.safetensors
     DIR/lynx_lite/   resampler.safetensors, ip_layers.safetensors (every 2nd block, no biases)
     DIR/insightface/ a tiny random-weight ArcFace (and detector) in insightface's format
 
-Same seed, same bytes. Sizes are what no official file can tell (head split) go into ``lynx_adapter.json``, which
+Same seed, same bytes. Sizes that no official file can tell (head split) go into ``lynx_adapter.json``, which
 our loader reads and the official code ignores. One 64x96, 9-frame, 4-step video takes about a second on a CPU.
 """
 
@@ -23,6 +23,7 @@ import torch
 from farm.models.lynx.loader import ADAPTER_CONFIG, IP_FILE, REF_FILE, RESAMPLER_FILE, AdapterConfig, build_adapters
 from farm.models.lynx.pipeline import OFFICIAL_NEGATIVE_PROMPT, REF_PROMPT
 
+BASE_DIRNAME = "Wan2.1-T2V-14B-Diffusers"  # the official README's folder names: this, lynx_full, lynx_lite
 TEXT_DIM = 32
 HEADS = 2
 HEAD_DIM = 16
@@ -174,7 +175,7 @@ def make_tiny_checkpoint(directory: str | Path, seed: int = 0, with_insightface:
     from transformers import UMT5Config, UMT5EncoderModel
 
     root = Path(directory)
-    base = root / "base"
+    base = root / BASE_DIRNAME
     base.mkdir(parents=True, exist_ok=True)
     (base / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=2))
     vocab = _write_tokenizer(base / "tokenizer")

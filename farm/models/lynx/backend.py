@@ -1,0 +1,199 @@
+"""``lynx``: the farm backend for Lynx full and lite (``model.variant``), on our implementation in this package.
+
+Weights (``model.weights``): ``base`` (a ``Wan2.1-T2V-14B-Diffusers`` folder), ``adapter`` (``lynx_full`` or
+``lynx_lite``), ``face_pack`` (an insightface model pack: detector + ArcFace); each a local path or fsspec URI
+(remote folders are fetched once per node into a verified cache). ``dtype``: auto = bf16 on GPU, fp32 on CPU.
+
+Options (``model.options``), all optional:
+
+* ``face_detector``: ``insightface`` (default, the pack's detector, as the official code) or ``dlib``.
+* ``batch_guidance`` (default true): run the 2-3 guidance passes as one batched forward (same numbers, more memory).
+* ``schedule``: ``official`` (default; diffusers 0.33.1's UniPC sigmas, as the official code ran) or ``diffusers``.
+* ``cpu_offload`` (default false): keep the text encoder on the CPU and stream the transformer's blocks to the GPU
+  (diffusers group offloading) for GPUs under 80 GB. ``vae_tiling`` (default false): tiled VAE decode.
+* ``step_cache``: a FirstBlockCache threshold (e.g. 0.05). Opt-in; it CHANGES the frames (skips blocks when the
+  first block's residual barely moves), so fidelity to the official code no longer holds.
+* ``prompt_cache_size`` (256), ``subject_cache_size`` (32): the per-replica LRU caches (lossless reuse).
+* ``safety_classifier``: ``"module:attr"`` of a callable ``frames (F,H,W,3) float32 -> bool`` (True = blocked), or
+  of a factory called with ``safety_model`` (a user-supplied model path/URI) that returns such a callable. Blocked
+  rows fail with ``error_code=safety_blocked`` (never silently dropped). Off unless configured.
+* ``storage_options``: fsspec options for remote weights.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import importlib
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from farm.models.base import Backend, GenerationRequest
+from farm.models.lynx.api import default_params, resolve_dtype
+from farm.models.lynx.face import LynxSubject, face_models, subject_from_image
+from farm.models.lynx.pipeline import OFFICIAL_NEGATIVE_PROMPT, Options
+from farm.params import SamplingParams
+from farm.records import ErrorCode, RowError
+
+KNOWN_OPTIONS = frozenset(
+    {
+        "face_detector",
+        "batch_guidance",
+        "schedule",
+        "cpu_offload",
+        "vae_tiling",
+        "step_cache",
+        "prompt_cache_size",
+        "subject_cache_size",
+        "safety_classifier",
+        "safety_model",
+        "storage_options",
+    }
+)
+
+
+def load_safety_classifier(target: str, model: str | None):
+    """Resolve ``module:attr``; with a ``model`` the attribute is a factory taking it."""
+    module, _, attr = target.partition(":")
+    if not module or not attr:
+        raise ValueError(f"safety_classifier={target!r} must look like 'package.module:callable'")
+    obj = getattr(importlib.import_module(module), attr)
+    return obj(model) if model is not None else obj
+
+
+class LynxBackend(Backend):
+    name = "lynx"
+
+    def __init__(self, spec) -> None:
+        super().__init__(spec)
+        self.variant = spec.variant or "full"
+        if self.variant not in ("full", "lite"):
+            raise ValueError(f"lynx variant {self.variant!r} is unknown; choose 'full' or 'lite'")
+        unknown = sorted(set(spec.options) - KNOWN_OPTIONS)
+        if unknown:
+            raise ValueError(f"unknown lynx option(s) {unknown}; known: {sorted(KNOWN_OPTIONS)}")
+        for role in ("base", "adapter"):
+            if role not in spec.weights:
+                raise ValueError(f"lynx needs model.weights.{role} (see the README's Lynx section)")
+        self.pipeline = None
+        self._face = None
+        self._safety = None
+
+    # ------------------------------------------------------------------ declared
+    def default_params(self) -> SamplingParams:
+        return default_params(self.variant)
+
+    def default_negative_prompt(self) -> str:
+        return OFFICIAL_NEGATIVE_PROMPT
+
+    def describe(self) -> str:
+        return f"Lynx {self.variant} (Wan2.1-T2V-14B)"
+
+    def _option(self, name: str, default: Any) -> Any:
+        return self.spec.options.get(name, default)
+
+    # ------------------------------------------------------------------ per replica
+    def setup(self, device: str) -> None:
+        import torch
+
+        from farm.models.lynx.loader import load_lynx
+        from farm.models.lynx.pipeline import LynxPipeline
+
+        self.device = device
+        dtype = resolve_dtype(self.spec.dtype, device)
+        offload = bool(self._option("cpu_offload", False)) and device.startswith("cuda")
+        model = load_lynx(
+            self.spec.weights["base"],
+            self.spec.weights["adapter"],
+            self.variant,
+            dtype=dtype,
+            device="cpu" if offload else device,
+            storage_options=self._option("storage_options", None),
+        )
+        if offload:
+            model.device = torch.device(device)
+            model.vae.to(device)
+            model.resampler.to(device)
+            model.transformer.enable_group_offload(
+                onload_device=torch.device(device),
+                offload_device=torch.device("cpu"),
+                offload_type="block_level",
+                num_blocks_per_group=1,
+            )
+        if self._option("vae_tiling", False):
+            model.vae.enable_tiling()
+        options = Options(
+            batch_guidance=bool(self._option("batch_guidance", True)),
+            schedule=str(self._option("schedule", "official")),
+            step_cache=self._option("step_cache", None),
+            prompt_cache_size=int(self._option("prompt_cache_size", 256)),
+            subject_cache_size=int(self._option("subject_cache_size", 32)),
+        )
+        self.pipeline = LynxPipeline(model, options)
+        target = self._option("safety_classifier", None)
+        if target:
+            self._safety = load_safety_classifier(target, self._option("safety_model", None))
+
+    def fingerprint(self) -> str:
+        """Digest of the checkpoint's structure: safetensors headers, sizes and configs (cheap even for 14B)."""
+        if self.pipeline is None:
+            return ""
+        model = self.pipeline.model
+        digest = hashlib.sha256(self.variant.encode())
+        for folder in (model.base_dir, model.adapter_dir):
+            for path in sorted(Path(folder).rglob("*")):
+                if not path.is_file() or path.name.startswith("."):
+                    continue
+                digest.update(str(path.relative_to(folder)).encode() + str(path.stat().st_size).encode())
+                if path.suffix == ".safetensors":
+                    with open(path, "rb") as fh:
+                        size = int.from_bytes(fh.read(8), "little")
+                        digest.update(fh.read(size))
+                elif path.suffix == ".json":
+                    digest.update(path.read_bytes())
+        return digest.hexdigest()[:16]
+
+    def _face_models(self):
+        if self._face is None:
+            pack = self.spec.weights.get("face_pack")
+            if not pack:
+                raise ValueError("lynx needs model.weights.face_pack (an insightface pack) to read portraits")
+            storage_options = self._option("storage_options", None)
+            key = json.dumps(storage_options, sort_keys=True) if storage_options else None
+            self._face = face_models(pack, str(self._option("face_detector", "insightface")), key)
+        return self._face
+
+    def prepare_subject(self, image: np.ndarray) -> LynxSubject:
+        detector, embedder = self._face_models()
+        return subject_from_image(image, detector, embedder)
+
+    def generate(self, subject: LynxSubject, request: GenerationRequest) -> np.ndarray:
+        if self.pipeline is None:
+            raise RuntimeError("LynxBackend.generate called before setup(device)")
+        return self.pipeline.generate(
+            subject.embedding,
+            subject.aligned_face,
+            request.prompt,
+            request.negative_prompt,
+            request.params,
+            request.seed,
+        )
+
+    def postprocess(self, frames: np.ndarray, request: GenerationRequest) -> np.ndarray:
+        if self._safety is not None and bool(self._safety(frames)):
+            raise RowError(ErrorCode.SAFETY_BLOCKED, "the configured safety classifier blocked this video")
+        return frames
+
+    def teardown(self) -> None:
+        self.pipeline = None
+        gc.collect()
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        except ImportError:  # pragma: no cover
+            pass
