@@ -32,10 +32,10 @@ class ModelSection(_Strict):
     )
     options: dict[str, Any] = Field(default_factory=dict, description="Backend-specific options")
 
-    def to_spec(self) -> ModelSpec:
+    def to_spec(self, storage_options: dict[str, Any] | None = None) -> ModelSpec:
         return ModelSpec(
             backend=self.backend, variant=self.variant, weights=dict(self.weights), dtype=self.dtype,
-            options=dict(self.options),
+            options=dict(self.options), storage_options=dict(storage_options or {}),
         )
 
 
@@ -141,6 +141,10 @@ class JobSpec(_Strict):
     resources: Resources = Field(default_factory=Resources)
     identity: Identity = Field(default_factory=Identity)
     runtime: Runtime = Field(default_factory=Runtime)
+
+    def model_spec(self) -> ModelSpec:
+        """The model section as the backend sees it, with the job's ``storage_options`` for remote weights."""
+        return self.model.to_spec(self.storage_options)
 
 
 def _format_errors(err: ValidationError, source: str) -> str:

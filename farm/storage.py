@@ -125,6 +125,11 @@ class OutputLayout:
     root: str
     storage_options: dict[str, Any] | None = None
 
+    def __post_init__(self) -> None:
+        # Local roots become absolute so that the URIs written into records work from any directory.
+        if is_local(self.root) and not self.root.startswith(PKG_SCHEME):
+            object.__setattr__(self, "root", os.path.abspath(fsspec.core.strip_protocol(self.root)))
+
     def video(self, row_id: str) -> str:
         return join(self.root, "videos", f"{row_id}.mp4")
 

@@ -87,7 +87,7 @@ class RowProcessor:
         self.replica = replica
         self.device = device
         self.layout = OutputLayout(job.output, job.storage_options)
-        self.backend: Backend = build_backend(job.model.to_spec())
+        self.backend: Backend = build_backend(job.model_spec())
         self.backend.setup(device)
         self.recognizer = None
         if job.identity.enabled:
@@ -216,7 +216,7 @@ class RowProcessor:
 
 def backend_defaults(job: JobSpec) -> tuple[SamplingParams, str]:
     """Backend defaults overlaid with the job's ``defaults``: what every row starts from."""
-    backend = build_backend(job.model.to_spec())
+    backend = build_backend(job.model_spec())
     params = backend.default_params().with_overrides(job.defaults.overrides())
     if job.defaults.two_pass_guidance:
         from dataclasses import replace

@@ -34,6 +34,7 @@ class ModelSpec:
     weights: dict[str, str] = field(default_factory=dict)  # role -> path or fsspec URI
     dtype: str = "auto"  # auto | fp32 | bf16 | fp16 ; auto = bf16 on GPU, fp32 on CPU
     options: dict[str, Any] = field(default_factory=dict)  # backend-specific knobs
+    storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec options for remote weight URIs
 
 
 @dataclass(frozen=True)

@@ -134,7 +134,7 @@ class Driver:
     def _resources(self) -> tuple[int, float, float]:
         """(replicas, gpus per replica, cpus per replica) on this cluster."""
         res = self.job.resources
-        backend = build_backend(self.job.model.to_spec())
+        backend = build_backend(self.job.model_spec())
         need = backend.resources(res.gpus_per_replica)
         cluster_gpus = float(ray.cluster_resources().get("GPU", 0))
         gpus = need.gpus
@@ -377,7 +377,7 @@ class Driver:
             self.layout, schema, job.runtime.commit_every_rows, job.runtime.commit_every_s
         )
         self.run_id = self.writer.run_id
-        self.model_name = build_backend(job.model.to_spec()).describe()
+        self.model_name = build_backend(job.model_spec()).describe()
         done = results.committed_ids(self.layout)
         if self.retry_failed:
             merged = results.read_results(self.layout, ["status"])
