@@ -132,3 +132,26 @@ def test_bad_inputs_name_the_value() -> None:
         pipe.generate(emb, face.astype(np.float32), PROMPT, NEGATIVE, FAST, 1)
     with pytest.raises(ValueError, match="num_frames"):
         pipe.generate(emb, face, PROMPT, NEGATIVE, dataclasses.replace(FAST, num_frames=10), 1)
+
+
+def test_cpu_offload_keeps_the_numbers() -> None:
+    from farm.models.lynx.loader import apply_cpu_offload, load_lynx
+    from tests.models.lynx_helpers import adapter_dir, base_dir
+
+    model = apply_cpu_offload(load_lynx(base_dir(), adapter_dir("full"), "full"), "cpu")
+    emb, face = inputs(0)
+    frames = LynxPipeline(model).generate(emb, face, PROMPT, NEGATIVE, FAST, 42)
+    np.testing.assert_allclose(frames, run("full"), atol=1e-5, rtol=0)
+
+
+def test_step_cache_is_opt_in_and_runs() -> None:
+    from farm.models.lynx.loader import load_lynx
+    from tests.models.lynx_helpers import adapter_dir, base_dir
+
+    model = load_lynx(base_dir(), adapter_dir("lite"), "lite")
+    cached = LynxPipeline(model, Options(step_cache=10.0))  # a huge threshold: blocks after the first are reused
+    emb, face = inputs(0)
+    params = dataclasses.replace(FAST_2PASS, num_inference_steps=4)
+    frames = cached.generate(emb, face, PROMPT, NEGATIVE, params, 42)
+    assert frames.shape == (5, 32, 48, 3) and np.isfinite(frames).all()
+    assert np.abs(frames - run("lite", params)).max() > 1e-4  # documented: the step cache changes the frames

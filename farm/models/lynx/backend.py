@@ -17,7 +17,7 @@ Options (``model.options``), all optional:
 * ``safety_classifier``: ``"module:attr"`` of a callable ``frames (F,H,W,3) float32 -> bool`` (True = blocked), or
   of a factory called with ``safety_model`` (a user-supplied model path/URI) that returns such a callable. Blocked
   rows fail with ``error_code=safety_blocked`` (never silently dropped). Off unless configured.
-* ``storage_options``: fsspec options for remote weights.
+* ``storage_options``: fsspec options for remote weights (the job's ``storage_options`` are used when set).
 """
 
 from __future__ import annotations
@@ -95,11 +95,13 @@ class LynxBackend(Backend):
     def _option(self, name: str, default: Any) -> Any:
         return self.spec.options.get(name, default)
 
+    def _storage_options(self) -> dict[str, Any] | None:
+        """The job's storage options (``ModelSpec.storage_options``), or ``options.storage_options``."""
+        return getattr(self.spec, "storage_options", None) or self._option("storage_options", None)
+
     # ------------------------------------------------------------------ per replica
     def setup(self, device: str) -> None:
-        import torch
-
-        from farm.models.lynx.loader import load_lynx
+        from farm.models.lynx.loader import apply_cpu_offload, load_lynx
         from farm.models.lynx.pipeline import LynxPipeline
 
         self.device = device
@@ -111,18 +113,10 @@ class LynxBackend(Backend):
             self.variant,
             dtype=dtype,
             device="cpu" if offload else device,
-            storage_options=self._option("storage_options", None),
+            storage_options=self._storage_options(),
         )
         if offload:
-            model.device = torch.device(device)
-            model.vae.to(device)
-            model.resampler.to(device)
-            model.transformer.enable_group_offload(
-                onload_device=torch.device(device),
-                offload_device=torch.device("cpu"),
-                offload_type="block_level",
-                num_blocks_per_group=1,
-            )
+            apply_cpu_offload(model, device)
         if self._option("vae_tiling", False):
             model.vae.enable_tiling()
         options = Options(
@@ -161,7 +155,7 @@ class LynxBackend(Backend):
             pack = self.spec.weights.get("face_pack")
             if not pack:
                 raise ValueError("lynx needs model.weights.face_pack (an insightface pack) to read portraits")
-            storage_options = self._option("storage_options", None)
+            storage_options = self._storage_options()
             key = json.dumps(storage_options, sort_keys=True) if storage_options else None
             self._face = face_models(pack, str(self._option("face_detector", "insightface")), key)
         return self._face

@@ -259,3 +259,19 @@ def load_lynx(
         adapter_dir=adapter_dir,
     )
     return model.to(device)
+
+
+def apply_cpu_offload(model: LynxModel, device: str | torch.device) -> LynxModel:
+    """For GPUs under 80 GB: the text encoder stays on the CPU (prompt embeddings are cached anyway), VAE and
+    resampler move to ``device``, and the transformer's blocks stream to ``device`` one at a time (diffusers group
+    offloading; the adapter processors live inside the blocks and move with them). Same numbers, less memory."""
+    device = torch.device(device)
+    model.text_encoder.to("cpu")
+    model.vae.to(device)
+    model.resampler.to(device)
+    model.transformer.to("cpu")
+    model.transformer.enable_group_offload(
+        onload_device=device, offload_device=torch.device("cpu"), offload_type="block_level", num_blocks_per_group=1
+    )
+    model.device = device
+    return model
