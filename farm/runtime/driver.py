@@ -355,8 +355,10 @@ class Driver:
             slot.info = ray.get(slot.info_ref)
         except ray.exceptions.RayActorError as exc:
             self.init_failures += 1
-            if self.init_failures >= max(3, len(self.slots)) and not any(s.info for s in self.slots):
-                raise JobAborted(f"no replica could load the model: {exc}") from None
+            never_ready = not any(s.info for s in self.slots) and self.restarts == 0
+            if (never_ready and self.init_failures >= 2) or self.init_failures > self.job.runtime.max_replica_restarts:
+                raise JobAborted(f"replicas cannot load the model ({self.init_failures} failed starts): {exc}") \
+                    from None
             log.warning("%s failed to start: %s", slot.name, exc)
             slot.generation += 1
             self._start_slot(slot)
@@ -401,6 +403,9 @@ class Driver:
         try:
             self._loop(stream)
             status = "finished"
+        except JobAborted:
+            status = "aborted"
+            raise
         finally:
             self.writer.flush()
             busy = self._busy_fraction()
