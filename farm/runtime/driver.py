@@ -353,7 +353,7 @@ class Driver:
     def _on_info(self, slot: Slot) -> None:
         try:
             slot.info = ray.get(slot.info_ref)
-        except ray.exceptions.RayActorError as exc:
+        except Exception as exc:  # noqa: BLE001 - RayActorError, or an exception Ray could not deserialize
             self.init_failures += 1
             never_ready = not any(s.info for s in self.slots) and self.restarts == 0
             if (never_ready and self.init_failures >= 2) or self.init_failures > self.job.runtime.max_replica_restarts:
@@ -455,7 +455,7 @@ class Driver:
                     slot.inflight[ref] = (task, 0.0)
                     self._handle_death(slot, ErrorCode.POISON, f"{type(exc).__name__}: {str(exc)[:500]}")
                     continue
-                except ray.exceptions.RayTaskError as exc:  # a bug escaped process(): record, don't loop
+                except Exception as exc:  # noqa: BLE001 - a bug escaped process(): record it, retry elsewhere
                     rec = {"id": task.request.id, "status": "failed", "error_code": ErrorCode.GENERATION_ERROR.value,
                            "error_message": str(exc)[:2000], "retry": True}
                 self._handle_result(slot, task, rec)

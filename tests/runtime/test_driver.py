@@ -179,3 +179,16 @@ def storage_path(uri: str) -> str:
     from farm.storage import resolve_pkg_uri
 
     return resolve_pkg_uri(uri)
+
+
+def test_backend_that_cannot_load_aborts_naming_the_problem(tmp_path: Path) -> None:
+    from farm.runtime.errors import JobAborted
+
+    missing_pack = tmp_path / "no-such-pack"
+    manifest = write_manifest(tmp_path / "m.parquet", rows(2))
+    job = still_job(manifest, str(tmp_path / "out"), resources={"replicas": 1, **FAST},
+                    model={"backend": "still", "options": {"recognizer": "insightface", "pack": str(missing_pack)}})
+    with pytest.raises(JobAborted, match="no-such-pack"):
+        run_job(job, progress=False)
+    meta = json.loads((tmp_path / "out" / "_job.json").read_text())
+    assert meta["runs"][-1]["status"] == "aborted"

@@ -51,22 +51,3 @@ def test_lynx_replicas_pinned_to_distinct_fake_gpus(tmp_path: Path) -> None:
     assert "Lynx" in read_metadata(recs["row-000"]["video"])["comment"]
     assert recs["row-000"]["guidance_scale_i"] == 2.0 and recs["row-000"]["num_inference_steps"] == 2
 
-
-def test_model_that_cannot_load_aborts_with_the_named_file(tmp_path: Path) -> None:
-    from farm.runtime.errors import JobAborted
-
-    empty_adapter = tmp_path / "lynx_full"
-    empty_adapter.mkdir()
-    job = parse_job({
-        "manifest": write_manifest(tmp_path / "m.parquet", rows(2)), "output": str(tmp_path / "out"),
-        "model": {"backend": "lynx", "variant": "full",
-                  "weights": {"base": base_dir(), "adapter": str(empty_adapter),
-                              "face_pack": str(tiny_checkpoint() / "insightface")},
-                  "options": {"face_detector": "dlib"}},
-        "resources": {"replicas": 1, "cpus_per_replica": 0.25},
-        "identity": {"enabled": False},
-    })
-    with pytest.raises(JobAborted, match="resampler.safetensors"):
-        run_job(job, progress=False)
-    meta = json.loads((tmp_path / "out" / "_job.json").read_text())
-    assert meta["runs"][-1]["status"] == "aborted"
