@@ -28,24 +28,13 @@ from farm.identity.faces import (
     largest_face,
     pick_portrait_face,
 )
+from farm.results import IDENTITY_FIELDS
 
 RECOGNIZERS = ("dlib", "insightface")
 DEFAULT_FRAMES = 16
 
-# The metric columns every scored record carries, with their Arrow types (the result schema's identity part).
-METRIC_FIELDS: tuple[pa.Field, ...] = (
-    pa.field("identity_mean", pa.float64()),
-    pa.field("identity_min", pa.float64()),
-    pa.field("identity_max", pa.float64()),
-    pa.field("identity_std", pa.float64()),
-    pa.field("identity_distance_mean", pa.float64()),
-    pa.field("identity_distance_min", pa.float64()),
-    pa.field("identity_distance_max", pa.float64()),
-    pa.field("face_frames", pa.int32()),
-    pa.field("frames_scored", pa.int32()),
-    pa.field("face_rate", pa.float64()),
-    pa.field("identity_model", pa.string()),
-)
+# The metric columns every scored record carries: the identity part of the one result schema (farm.results).
+METRIC_FIELDS: tuple[pa.Field, ...] = IDENTITY_FIELDS
 METRIC_COLUMNS: tuple[str, ...] = tuple(f.name for f in METRIC_FIELDS)
 
 
