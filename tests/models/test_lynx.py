@@ -155,3 +155,19 @@ def test_step_cache_is_opt_in_and_runs() -> None:
     frames = cached.generate(emb, face, PROMPT, NEGATIVE, params, 42)
     assert frames.shape == (5, 32, 48, 3) and np.isfinite(frames).all()
     assert np.abs(frames - run("lite", params)).max() > 1e-4  # documented: the step cache changes the frames
+
+
+def test_batched_guidance_falls_back_when_the_batch_does_not_fit() -> None:
+    pipe = LynxPipeline(pipeline("full").model)
+    real_forward = pipe._forward
+
+    def forward(latents, timestep, text, samples):
+        if samples > 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_forward(latents, timestep, text, samples)
+
+    pipe._forward = forward
+    emb, face = inputs(0)
+    frames = pipe.generate(emb, face, PROMPT, NEGATIVE, FAST, 42)
+    assert pipe._batch_fits is False
+    np.testing.assert_allclose(frames, run("full", batch_guidance=False), atol=1e-6, rtol=0)

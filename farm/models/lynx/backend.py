@@ -13,7 +13,8 @@ Options (``model.options``), all optional:
   (diffusers group offloading) for GPUs under 80 GB. ``vae_tiling`` (default false): tiled VAE decode.
 * ``step_cache``: a FirstBlockCache threshold (e.g. 0.05). Opt-in; it CHANGES the frames (skips blocks when the
   first block's residual barely moves), so fidelity to the official code no longer holds.
-* ``prompt_cache_size`` (256), ``subject_cache_size`` (32): the per-replica LRU caches (lossless reuse).
+* ``prompt_cache_size`` (64), ``subject_cache_size`` (64), ``ref_cache_size`` (8): the per-replica LRU caches
+  (lossless reuse; a 14B bf16 reference buffer is ~105 MB of GPU memory, two per portrait and seed).
 * ``safety_classifier``: ``"module:attr"`` of a callable ``frames (F,H,W,3) float32 -> bool`` (True = blocked), or
   of a factory called with ``safety_model`` (a user-supplied model path/URI) that returns such a callable. Blocked
   rows fail with ``error_code=safety_blocked`` (never silently dropped). Off unless configured.
@@ -48,6 +49,7 @@ KNOWN_OPTIONS = frozenset(
         "step_cache",
         "prompt_cache_size",
         "subject_cache_size",
+        "ref_cache_size",
         "safety_classifier",
         "safety_model",
         "storage_options",
@@ -123,8 +125,9 @@ class LynxBackend(Backend):
             batch_guidance=bool(self._option("batch_guidance", True)),
             schedule=str(self._option("schedule", "official")),
             step_cache=self._option("step_cache", None),
-            prompt_cache_size=int(self._option("prompt_cache_size", 256)),
-            subject_cache_size=int(self._option("subject_cache_size", 32)),
+            prompt_cache_size=int(self._option("prompt_cache_size", 64)),
+            subject_cache_size=int(self._option("subject_cache_size", 64)),
+            ref_cache_size=int(self._option("ref_cache_size", 8)),
         )
         self.pipeline = LynxPipeline(model, options)
         target = self._option("safety_classifier", None)

@@ -85,13 +85,19 @@ def digest(array: np.ndarray) -> str:
 
 @dataclass(frozen=True)
 class Options:
-    """Per-replica knobs. ``step_cache`` (a diffusers FirstBlockCache threshold) changes outputs; off by default."""
+    """Per-replica knobs. ``step_cache`` (a diffusers FirstBlockCache threshold) changes outputs; off by default.
+
+    Cache bounds, with their device memory at 14B in bf16: a prompt embedding is 512 x 4096 (4 MB); a reference
+    buffer is 40 layers x 256 tokens x 5120 (105 MB; two per portrait and seed, the zero-image one shared by all
+    portraits); ID tokens and VAE posteriors are small.
+    """
 
     batch_guidance: bool = True
     schedule: str = "official"
     step_cache: float | None = None
-    prompt_cache_size: int = 256
-    subject_cache_size: int = 32
+    prompt_cache_size: int = 64
+    subject_cache_size: int = 64
+    ref_cache_size: int = 8
 
 
 class LynxPipeline:
@@ -106,7 +112,8 @@ class LynxPipeline:
         self.prompt_cache = LRU(self.options.prompt_cache_size)
         self.id_cache = LRU(n)
         self.posterior_cache = LRU(n + 1)
-        self.ref_cache = LRU(n + 1)
+        self.ref_cache = LRU(self.options.ref_cache_size)
+        self._batch_fits = True  # set to False after a CUDA out-of-memory in a batched forward
         self.dit_forwards = 0  # every transformer call, batched or not, counts once
         self.dit_samples = 0  # every sample through the transformer (a 3-way batched call counts 3)
         self._cache_enabled = False
@@ -222,9 +229,18 @@ class LynxPipeline:
         return transformer(latents, timestep, text, return_dict=False)[0]
 
     def _run_passes(self, latents, t, passes, ip_scale, ref_scale, batched: bool) -> list[torch.Tensor]:
-        """One transformer evaluation per guidance pass (or one stacked evaluation for all); same numbers."""
+        """One transformer evaluation per guidance pass, or one stacked evaluation for all (same numbers); a batch
+        that does not fit in GPU memory falls back to one pass at a time for the rest of the replica's life."""
+        if batched and self._batch_fits and len(passes) > 1:
+            try:
+                return self._evaluate(latents, t, [passes], ip_scale, ref_scale)
+            except torch.cuda.OutOfMemoryError:
+                self._batch_fits = False
+                torch.cuda.empty_cache()
+        return self._evaluate(latents, t, [[p] for p in passes], ip_scale, ref_scale)
+
+    def _evaluate(self, latents, t, groups, ip_scale, ref_scale) -> list[torch.Tensor]:
         state = self.model.state
-        groups = [passes] if batched else [[p] for p in passes]
         outs: list[torch.Tensor] = []
         for group in groups:
             n = len(group)
