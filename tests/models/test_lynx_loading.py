@@ -147,7 +147,7 @@ def test_s3_checkpoint_goes_through_the_node_cache(
     root = Path(base_dir()).parent
     fs.put(str(root / BASE_DIRNAME), f"{s3_bucket}/w/{BASE_DIRNAME}", recursive=True)
     fs.put(str(root / "lynx_lite"), f"{s3_bucket}/w/lynx_lite", recursive=True)
-    monkeypatch.setenv("FARM_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("FARM_CACHE", str(tmp_path / "cache"))
     options = s3_endpoint["storage_options"]
     base_uri, adapter_uri = f"{s3_bucket}/w/{BASE_DIRNAME}", f"{s3_bucket}/w/lynx_lite"
 

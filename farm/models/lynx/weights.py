@@ -1,7 +1,7 @@
 """Weights on disk: named errors, and remote checkpoints fetched once per node into a verified local cache.
 
-A remote folder (any fsspec URI) is copied into ``$FARM_CACHE_DIR/lynx/<digest of the URI>`` (default
-``~/.cache/farm``). Replicas on one node share it safely: one process copies under a file lock, every file is
+A remote folder (any fsspec URI) is copied into ``$FARM_CACHE/lynx/<digest of the URI>`` (default
+``~/.cache/lynx-farm``). Replicas on one node share it safely: one process copies under a file lock, every file is
 written to a temporary name and renamed into place, sizes are checked against the remote listing and a sha256 of
 every file is recorded in ``.farm-manifest.json``, written last; a folder without that manifest is never used.
 """
@@ -71,7 +71,8 @@ def check_state_dict(path: str, tensors: dict[str, Any], expected: dict[str, tup
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("FARM_CACHE_DIR", Path.home() / ".cache" / "farm")) / "lynx"
+    """``$FARM_CACHE`` or ``~/.cache/lynx-farm`` (the project's node cache), then ``lynx/``."""
+    return Path(os.environ.get("FARM_CACHE") or Path.home() / ".cache" / "lynx-farm") / "lynx"
 
 
 def _sha256(path: Path) -> str:
