@@ -28,12 +28,22 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--official-dir", required=True)
     ap.add_argument("--stub-dir", required=True)
-    ap.add_argument("--checkpoint", required=True)
-    ap.add_argument("--variant", choices=["full", "lite"], required=True)
-    ap.add_argument("--inputs", required=True, help=".npz with embedding, face, and a json 'job'")
+    ap.add_argument("--checkpoint")
+    ap.add_argument("--variant", choices=["full", "lite"])
+    ap.add_argument("--inputs", required=True, help=".npz with embedding, face, and a json 'job' (or image, kps)")
+    ap.add_argument("--align", action="store_true", help="only run the official 256 reference-face alignment")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     args = ap.parse_args()
     sys.path[:0] = [args.stub_dir, args.official_dir]
+    if args.align:
+        from modules.common.face_utils import align_face
+        from PIL import Image
+
+        data = np.load(args.inputs)
+        face = align_face(Image.fromarray(data["image"]), data["kps"], extend_face_crop=True, face_size=256)
+        np.save(args.out, np.asarray(face))
+        return
 
     import torch
     from diffusers import UniPCMultistepScheduler
@@ -64,7 +74,7 @@ def main() -> None:
 
     original = official_resampler.Resampler
     official_resampler.Resampler = lambda **kw: original(**{**kw, **tiny_resampler})
-    dtype = torch.float32
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     seed = int(job["seed"])
     gen = torch.Generator().manual_seed(seed)
 
