@@ -16,7 +16,14 @@ from safetensors.torch import load_file, save_file
 from farm.models.lynx.loader import AdapterConfig, expected_adapter_shapes, load_lynx, read_adapter_config
 from farm.models.lynx.pipeline import LynxPipeline
 from farm.models.lynx.tiny import BASE_DIRNAME, make_tiny_checkpoint
-from farm.models.lynx.weights import MANIFEST, MissingWeightsFile, WrongKeyError, WrongShapeError, local_dir
+from farm.models.lynx.weights import (
+    MANIFEST,
+    LynxWeightsError,
+    MissingWeightsFile,
+    WrongKeyError,
+    WrongShapeError,
+    local_dir,
+)
 from tests.models.lynx_helpers import FAST_2PASS, NEGATIVE, PROMPT, adapter_dir, base_dir, inputs, pipeline
 
 # The official 14B adapter sizes, read off the official loaders (resampler 1280 wide, 20 heads x 64, 16 queries,
@@ -117,6 +124,21 @@ def test_wrong_shape_is_named(tmp_path: Path) -> None:
     message = str(info.value)
     assert "ref_layers.safetensors" in message and "1.to_v_ref.weight" in message
     assert "(32, 16)" in message and "(32, 32)" in message
+
+
+def test_wrong_base_shape_names_the_folder_and_tensor(tmp_path: Path) -> None:
+    base = tmp_path / BASE_DIRNAME
+    shutil.copytree(base_dir(), base)
+    path = base / "transformer" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(str(path))
+    tensors["blocks.1.attn1.to_q.weight"] = torch.zeros(32, 16)
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    with pytest.raises(LynxWeightsError) as info:
+        load_lynx(str(base), adapter_dir("full"), "full")
+    assert "transformer" in str(info.value) and "blocks.1.attn1.to_q.weight" in str(info.value)
+    (base / "vae" / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(MissingWeightsFile, match="vae"):
+        load_lynx(str(base), adapter_dir("full"), "full")
 
 
 def test_wrong_key_is_named(tmp_path: Path) -> None:

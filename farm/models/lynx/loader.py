@@ -223,11 +223,17 @@ def load_lynx(
     if config.ref_adapter:
         require_file(adapter_dir, REF_FILE, "adapter")
 
-    tokenizer = AutoTokenizer.from_pretrained(str(base_dir / "tokenizer"))
-    text_encoder = UMT5EncoderModel.from_pretrained(str(base_dir / "text_encoder"), dtype=dtype).eval()
-    vae = AutoencoderKLWan.from_pretrained(str(base_dir / "vae"), dtype=dtype).eval()
-    transformer = WanTransformer3DModel.from_pretrained(str(base_dir / "transformer"), dtype=dtype).eval()
-    scheduler = UniPCMultistepScheduler.from_pretrained(str(base_dir / "scheduler"))
+    def part(name: str, load):
+        try:
+            return load(str(base_dir / name))
+        except (ValueError, OSError, RuntimeError) as exc:  # diffusers/transformers name the tensor, not the file
+            raise LynxWeightsError(f"{base_dir / name}: {exc}") from exc
+
+    tokenizer = part("tokenizer", AutoTokenizer.from_pretrained)
+    text_encoder = part("text_encoder", lambda p: UMT5EncoderModel.from_pretrained(p, dtype=dtype).eval())
+    vae = part("vae", lambda p: AutoencoderKLWan.from_pretrained(p, dtype=dtype).eval())
+    transformer = part("transformer", lambda p: WanTransformer3DModel.from_pretrained(p, dtype=dtype).eval())
+    scheduler = part("scheduler", UniPCMultistepScheduler.from_pretrained)
     if not scheduler.config.use_flow_sigmas:
         raise LynxWeightsError(f"{base_dir / 'scheduler'}: Lynx needs Wan's flow-sigma UniPC config (use_flow_sigmas)")
 
