@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -20,30 +21,51 @@ from farm import storage
 from farm.models.base import GenerationRequest
 from farm.params import SAMPLING_FIELDS, SamplingParams, check_seed, is_missing
 from farm.records import ErrorCode, RowError
+from farm.results import carried_name
 
 REQUIRED_COLUMNS: tuple[str, ...] = ("id", "portrait", "prompt")
 OPTIONAL_COLUMNS: tuple[str, ...] = ("negative_prompt", "seed", *SAMPLING_FIELDS, "rights_confirmed")
 KNOWN_COLUMNS = frozenset(REQUIRED_COLUMNS + OPTIONAL_COLUMNS)
 ID_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,128}")
 DERIVED_SEED_MAX = 2**31 - 1
+UNDECODABLE = "\ufffd"  # what invalid UTF-8 in a text column reads as
 
 
 class ManifestError(ValueError):
     """The manifest as a whole cannot be read (no files, missing column, wrong column type)."""
 
 
+def _visible(path: str, root: str) -> bool:
+    """False for files under a folder or with a name starting with ``.`` or ``_`` (``_temporary/``, ``.cache/``,
+    ``_SUCCESS``): writers such as Spark keep partial or duplicate copies there."""
+    rel = path[len(root) :] if path.startswith(root) else path.rsplit("/", 1)[-1]
+    return not any(part.startswith((".", "_")) for part in rel.strip("/").split("/"))
+
+
+def _find_parquet(fs: Any, root: str) -> list[str]:
+    root = root.rstrip("/")
+    return [p for p in fs.find(root) if p.endswith(".parquet") and _visible(p, root)]
+
+
 def _expand(uri: str, storage_options: dict[str, Any] | None) -> tuple[Any, list[str]]:
     fs, path = storage.get_fs(uri, storage_options)
-    if any(ch in path for ch in "*?["):
-        files = sorted(p for p in fs.glob(path) if p.endswith(".parquet"))
-    elif fs.isdir(path):
-        files = sorted(
-            p for p in fs.find(path) if p.endswith(".parquet") and not p.rsplit("/", 1)[-1].startswith((".", "_"))
-        )
-    elif fs.exists(path):
-        files = [path]
+    if fs.exists(path):  # checked first: a real name may contain glob characters (``run[1]/m.parquet``)
+        files = _find_parquet(fs, path) if fs.isdir(path) else [path]
+    elif any(ch in path for ch in "*?["):
+        # hidden/underscore names are skipped below the glob's literal prefix, as for a directory
+        cut = min(i for i in (path.find(ch) for ch in "*?[") if i >= 0)
+        root = path[:cut].rsplit("/", 1)[0]
+        files = []
+        for match in fs.glob(path):
+            if not _visible(match, root):
+                continue
+            if fs.isdir(match):  # a Spark-style ``x.parquet/`` folder of parts
+                files.extend(_find_parquet(fs, match))
+            elif match.endswith(".parquet"):
+                files.append(match)
     else:
         raise ManifestError(f"manifest {uri!r} does not exist")
+    files = sorted(set(files))  # ``**`` can match a folder and the files inside it: read each file once
     if not files:
         raise ManifestError(f"manifest {uri!r} matches no .parquet files")
     return fs, files
@@ -51,6 +73,44 @@ def _expand(uri: str, storage_options: dict[str, Any] | None) -> tuple[Any, list
 
 def _is_string(t: pa.DataType) -> bool:
     return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_null(t)
+
+
+def _plain(field: pa.Field) -> pa.Field:
+    """Drop field metadata and dictionary encoding: both are storage details (pandas categoricals are strings)."""
+    t = field.type
+    return pa.field(field.name, t.value_type if pa.types.is_dictionary(t) else t)  # nullable: other files may lack it
+
+
+def _to_python(column: pa.Array) -> list[Any]:
+    """Python values of one column, never raising for one bad value: invalid UTF-8 (files from non-Arrow writers)
+    is decoded with U+FFFD; a value Python cannot hold (a timestamp past year 9999) stays an Arrow scalar, which is
+    written back unchanged if carried through and fails the row check if the farm reads it."""
+    try:
+        return column.to_pylist()
+    except (ValueError, OverflowError, ArithmeticError, pa.ArrowException):
+        out: list[Any] = []
+        for scalar in column:
+            try:
+                out.append(scalar.as_py())
+            except (ValueError, OverflowError, ArithmeticError, pa.ArrowException):
+                if isinstance(scalar, (pa.StringScalar, pa.LargeStringScalar)):
+                    out.append(scalar.as_buffer().to_pybytes().decode("utf-8", "replace"))
+                else:
+                    out.append(scalar)
+        return out
+
+
+def _conform(batch: pa.RecordBatch, schema: pa.Schema) -> pa.RecordBatch:
+    """``batch`` in ``schema``: columns this file lacks become nulls, narrower or dictionary types are cast."""
+    arrays = []
+    for field in schema:
+        index = batch.schema.get_field_index(field.name)
+        if index < 0:
+            arrays.append(pa.nulls(batch.num_rows, field.type))
+            continue
+        column = batch.column(index)
+        arrays.append(column if column.type == field.type else column.cast(field.type))
+    return pa.RecordBatch.from_arrays(arrays, schema=schema)
 
 
 class Manifest:
@@ -68,21 +128,33 @@ class Manifest:
         self.required = required
         self.known = known
         self.batch_rows = batch_rows
-        self.fs, self.files = _expand(uri, storage_options)
-        schemas = []
-        self.num_rows = 0
-        for f in self.files:
+        self.fs, files = _expand(uri, storage_options)
+        per_file: list[tuple[str, int, pa.Schema]] = []
+        for f in files:
             try:
                 meta = pq.read_metadata(f, filesystem=self.fs)
+                schema = meta.schema.to_arrow_schema()
             except Exception as exc:  # noqa: BLE001 - any unreadable footer is a manifest error
                 raise ManifestError(f"manifest file {f!r} is not readable Parquet: {exc}") from None
-            schemas.append(meta.schema.to_arrow_schema())
-            self.num_rows += meta.num_rows
-        try:
-            self.schema = pa.unify_schemas(schemas, promote_options="permissive")
-        except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
-            raise ManifestError(f"manifest files disagree on column types: {exc}") from None
-        self.schema = pa.schema([f.remove_metadata() for f in self.schema])
+            repeated = sorted(n for n, count in Counter(schema.names).items() if count > 1)
+            if repeated:
+                raise ManifestError(f"manifest file {f!r} has column(s) {repeated} more than once; rename them")
+            per_file.append((f, meta.num_rows, pa.schema([_plain(fld) for fld in schema])))
+        # Files without rows add nothing, so their (often type-less) schemas must not veto the others'.
+        used = [entry for entry in per_file if entry[1] > 0] or per_file
+        self.files = [f for f, _, _ in used]
+        self.num_rows = sum(n for _, n, _ in used)
+        self.schema = used[0][2]
+        for f, n, schema in used:
+            lacking = [c for c in self.required if c not in schema.names]
+            if n > 0 and lacking:
+                raise ManifestError(f"manifest file {f!r} lacks required column(s) {lacking}; it has {schema.names}")
+            try:
+                self.schema = pa.unify_schemas([self.schema, schema], promote_options="permissive")
+            except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+                raise ManifestError(
+                    f"manifest files disagree on column types: {f!r} does not match {self.files[0]!r}: {exc}"
+                ) from None
         self._check_schema()
         self.dataset = pads.dataset(self.files, schema=self.schema, format="parquet", filesystem=self.fs)
 
@@ -100,6 +172,15 @@ class Manifest:
             t = self.schema.field("rights_confirmed").type
             if not (pa.types.is_boolean(t) or pa.types.is_null(t)):
                 raise ManifestError(f"manifest column 'rights_confirmed' must be bool, got {t}")
+        carried: dict[str, str] = {}
+        for name in self.extra_columns:
+            target = carried_name(name)
+            if target in carried:
+                raise ManifestError(
+                    f"manifest columns {carried[target]!r} and {name!r} would both be carried to the results as "
+                    f"{target!r}; rename one of them"
+                )
+            carried[target] = name
 
     @property
     def extra_columns(self) -> list[str]:
@@ -107,18 +188,46 @@ class Manifest:
         return [n for n in self.schema.names if n not in self.known]
 
     def batches(self, columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
-        yield from self.dataset.to_batches(columns=columns, batch_size=self.batch_rows)
+        """Record batches in the unified schema, one file at a time, so a damaged file is named (``ManifestError``).
+
+        Read with ``ParquetFile`` rather than the dataset scanner, which reserves column names (``__filename``).
+        """
+        names = self.schema.names if columns is None else columns
+        schema = pa.schema([self.schema.field(n) for n in names])
+        for path in self.files:
+            try:
+                with self.fs.open(path, "rb") as fh:
+                    parquet = pq.ParquetFile(fh)
+                    have = set(parquet.schema_arrow.names)  # a property that rebuilds the schema: read it once
+                    present = [n for n in names if n in have]
+                    for batch in parquet.iter_batches(batch_size=self.batch_rows, columns=present):
+                        yield _conform(batch, schema)
+            except (OSError, ValueError, pa.ArrowException) as exc:
+                raise ManifestError(f"manifest file {path!r} cannot be read: {exc}") from None
 
     def rows(self) -> Iterator[dict[str, Any]]:
         for batch in self.batches():
-            yield from batch.to_pylist()
+            try:
+                yield from batch.to_pylist()
+                continue
+            except (ValueError, OverflowError, ArithmeticError, pa.ArrowException):
+                pass  # a value Python cannot hold: convert column by column, value by value where needed
+            columns = [_to_python(col) for col in batch.columns]
+            names = batch.schema.names
+            for i in range(batch.num_rows):
+                yield {name: col[i] for name, col in zip(names, columns)}
 
     def duplicate_ids(self) -> set[str]:
-        """Ids that occur more than once (one streaming pass over the ``id`` column only)."""
+        """Ids that occur more than once (one streaming pass over the ``id`` column only).
+
+        Missing and empty ids are not duplicates of each other: each such row is its own ``bad_id`` record.
+        """
         seen: set[str] = set()
         dups: set[str] = set()
         for batch in self.batches(columns=["id"]):
-            for value in batch.column(0).to_pylist():
+            for value in _to_python(batch.column(0)):
+                if not isinstance(value, str) or not value:
+                    continue
                 if value in seen:
                     dups.add(value)
                 else:
@@ -161,6 +270,9 @@ def resolve_row(row: dict[str, Any], defaults: RowDefaults) -> GenerationRequest
     prompt = row.get("prompt")
     if not isinstance(prompt, str) or not prompt.strip():
         raise RowError(ErrorCode.EMPTY_PROMPT, "prompt is empty")
+    for name in ("prompt", "negative_prompt"):
+        if isinstance(row.get(name), str) and UNDECODABLE in row[name]:
+            raise RowError(ErrorCode.BAD_PARAM, f"{name} is not valid UTF-8 text (the file stores undecodable bytes)")
     rights = row.get("rights_confirmed")
     if rights is False or (rights is None and defaults.require_rights_confirmed):
         raise RowError(ErrorCode.RIGHTS_NOT_CONFIRMED, f"rights_confirmed is {rights!r}")

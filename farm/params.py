@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields, replace
+from decimal import Decimal
 from typing import Any
 
 # The parameters a manifest row may override (besides ``seed`` and ``negative_prompt``).
@@ -117,12 +118,27 @@ def check_seed(value: Any) -> int:
     if isinstance(value, bool):
         raise ValueError(f"seed={value!r} must be an integer")
     try:
-        as_float = float(value)
-        if not as_float.is_integer():
-            raise ValueError
-        seed = int(value) if isinstance(value, int) else int(as_float)
-    except (TypeError, ValueError, OverflowError):
+        if isinstance(value, str):
+            value = value.strip()
+            # exact for digit strings: float() would round seeds above 2**53 to a different seed
+            seed = int(value) if value.lstrip("+-").isdigit() else _integral(float(value))
+        elif isinstance(value, (int, Decimal)):
+            seed = _integral(value)
+        else:
+            seed = _integral(float(value))
+    except (TypeError, ValueError, OverflowError, ArithmeticError):
         raise ValueError(f"seed={value!r} is not an integer") from None
     if not (SEED_RANGE[0] <= seed <= SEED_RANGE[1]):
         raise ValueError(f"seed={seed} is out of range [{SEED_RANGE[0]}, {SEED_RANGE[1]}]")
     return seed
+
+
+def _integral(value: float | int | Decimal) -> int:
+    """``value`` as an int if it is a whole number (``7.0``, ``Decimal('7.00')``); ``ValueError`` otherwise."""
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and not value.is_integer():
+        raise ValueError(value)
+    if isinstance(value, Decimal) and value != value.to_integral_value():
+        raise ValueError(value)
+    return int(value)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import io
+import logging
 import time
 import uuid
 from collections.abc import Iterable
@@ -20,6 +21,8 @@ import pyarrow.parquet as pq
 
 from farm import storage
 from farm.storage import OutputLayout
+
+log = logging.getLogger("farm")
 
 CORE_FIELDS: tuple[pa.Field, ...] = (
     pa.field("id", pa.string(), nullable=False),
@@ -101,8 +104,14 @@ def write_part(layout: OutputLayout, run_id: str, seq: int, records: list[dict[s
 
 
 def _read_part(uri: str, layout: OutputLayout, columns: list[str] | None) -> pa.Table:
+    """One part; of ``columns`` only those it has (parts of earlier runs may lack a column added since)."""
     fs, path = storage.get_fs(uri, layout.storage_options)
-    return pq.read_table(path, filesystem=fs, columns=columns)
+    with fs.open(path, "rb") as fh:
+        part = pq.ParquetFile(fh)
+        if columns is not None:
+            have = set(part.schema_arrow.names)
+            columns = [c for c in columns if c in have]
+        return part.read(columns=columns)
 
 
 def committed_ids(layout: OutputLayout) -> set[str]:
@@ -113,25 +122,80 @@ def committed_ids(layout: OutputLayout) -> set[str]:
     return out
 
 
+def _as_text(column: pa.ChunkedArray) -> pa.Array:
+    """A column as text, for when runs wrote it with types that cannot be merged."""
+    try:
+        return pc.cast(column.combine_chunks(), pa.large_string())
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        return pa.array([_scalar_text(v) for v in column], pa.large_string())
+
+
+def _scalar_text(value: pa.Scalar) -> str | None:
+    if not value.is_valid:
+        return None
+    try:
+        return str(value.as_py())
+    except (ValueError, OverflowError, ArithmeticError):
+        return f"<{value.type} value Python cannot show>"
+
+
+def _concat(tables: list[pa.Table]) -> pa.Table:
+    """Concatenate parts; a carried-through column whose type changed between runs (the manifest was edited) is
+    merged as text instead of failing every later read."""
+    try:
+        return pa.concat_tables(tables, promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        pass
+    types: dict[str, list[pa.DataType]] = {}
+    for table in tables:
+        for fld in table.schema:
+            types.setdefault(fld.name, []).append(fld.type)
+    clash = []
+    for name, seen in types.items():
+        try:
+            pa.unify_schemas([pa.schema([pa.field(name, t)]) for t in seen], promote_options="permissive")
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            clash.append(name)
+    log.warning("result parts disagree on the type of column(s) %s: merged as text", clash)
+    fixed = []
+    for table in tables:
+        for name in clash:
+            if name in table.column_names:
+                table = table.set_column(table.column_names.index(name), name, _as_text(table.column(name)))
+        fixed.append(table)
+    return pa.concat_tables(fixed, promote_options="permissive")
+
+
 def read_results(layout: OutputLayout, columns: list[str] | None = None) -> pa.Table:
     """All committed records, one per id (the newest wins), sorted by id."""
     parts = layout.result_parts()
     if not parts:
-        return result_schema().empty_table()
+        return _select(result_schema().empty_table(), columns)
     wanted = None if columns is None else list(dict.fromkeys(["id", "committed_at", *columns]))
-    tables = [_read_part(uri, layout, wanted) for uri in parts]
-    table = pa.concat_tables(tables, promote_options="permissive")
-    table = table.append_column("_order", pa.array(range(table.num_rows), pa.int64()))
-    table = table.sort_by([("id", "ascending"), ("committed_at", "ascending"), ("_order", "ascending")])
+    table = _concat([_read_part(uri, layout, wanted) for uri in parts])
+    order = "_order"
+    while order in table.column_names:  # a carried-through column may have any name
+        order = f"_{order}"
+    table = table.append_column(order, pa.array(range(table.num_rows), pa.int64()))
+    table = table.sort_by([("id", "ascending"), ("committed_at", "ascending"), (order, "ascending")])
     ids = table.column("id")
     if table.num_rows > 1:
         nxt = pc.not_equal(ids.slice(1), ids.slice(0, table.num_rows - 1))
         keep = pa.concat_arrays([c for c in nxt.chunks] + [pa.array([True])])
         table = table.filter(keep)
-    table = table.drop_columns(["_order"])
-    if columns is not None:
-        table = table.select(columns if "id" in columns else ["id", *columns])
-    return table
+    return _select(table.drop_columns([order]), columns)
+
+
+def _select(table: pa.Table, columns: list[str] | None) -> pa.Table:
+    """``id`` plus ``columns``; a column no part has comes back all-null (with its result type if it is a core one)."""
+    if columns is None:
+        return table
+    core = result_schema()
+    for name in columns:
+        if name not in table.column_names:
+            kind = core.field(name).type if name in core.names else pa.null()
+            table = table.append_column(pa.field(name, kind), pa.nulls(table.num_rows, kind))
+    return table.select(columns if "id" in columns else ["id", *columns])
 
 
 def new_run_id() -> str:
