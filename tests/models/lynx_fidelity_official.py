@@ -24,18 +24,65 @@ from pathlib import Path
 import numpy as np
 
 
+def dump_official_shapes(out: str) -> None:
+    """The key -> shape maps the official loaders build for the 14B checkpoints (their hard-coded sizes), on meta."""
+    import torch
+    from modules.common.resampler import Resampler
+    from modules.full.attention_processor import register_ip_adapter, register_ref_adapter
+    from modules.full.transformer_wan import WanTransformer3DModel as FullWan
+    from modules.lite.attention_processor import register_ip_adapter_wan
+    from modules.lite.trasnformer_wan import WanTransformer3DModel as LiteWan
+
+    shapes = {}
+    with torch.device("meta"):
+        for variant, output_dim in (("full", 5120), ("lite", 2048)):
+            resampler = Resampler(
+                depth=4,
+                dim=1280,
+                dim_head=64,
+                embedding_dim=512,
+                ff_mult=4,
+                heads=20,
+                num_queries=16,
+                output_dim=output_dim,
+            )
+            files = {"resampler.safetensors": {k: list(v.shape) for k, v in resampler.state_dict().items()}}
+            if variant == "full":
+                model = FullWan()
+                model, ip_layers = register_ip_adapter(model, cross_attention_dim=5120, n_registers=0)
+                model, ref_layers = register_ref_adapter(model)
+                files["ref_layers.safetensors"] = {k: list(v.shape) for k, v in ref_layers.state_dict().items()}
+            else:
+                model = LiteWan()
+                model, ip_layers = register_ip_adapter_wan(model, cross_attention_dim=2048, hidden_size=5120, layers=2)
+            files["ip_layers.safetensors"] = {k: list(v.shape) for k, v in ip_layers.state_dict().items()}
+            files["transformer"] = {
+                k: list(v.shape)
+                for k, v in model.state_dict().items()
+                if ".processor." not in k  # adapter weights live in their own files
+            }
+            shapes[variant] = files
+    Path(out).write_text(json.dumps(shapes))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--official-dir", required=True)
     ap.add_argument("--stub-dir", required=True)
     ap.add_argument("--checkpoint")
     ap.add_argument("--variant", choices=["full", "lite"])
-    ap.add_argument("--inputs", required=True, help=".npz with embedding, face, and a json 'job' (or image, kps)")
+    ap.add_argument("--inputs", help=".npz with embedding, face, and a json 'job' (or image, kps)")
     ap.add_argument("--align", action="store_true", help="only run the official 256 reference-face alignment")
+    ap.add_argument(
+        "--dump-shapes", action="store_true", help="only write the official 14B adapter key -> shape maps (meta device)"
+    )
     ap.add_argument("--out", required=True)
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     args = ap.parse_args()
     sys.path[:0] = [args.stub_dir, args.official_dir]
+    if args.dump_shapes:
+        dump_official_shapes(args.out)
+        return
     if args.align:
         from modules.common.face_utils import align_face
         from PIL import Image

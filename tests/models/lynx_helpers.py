@@ -23,6 +23,21 @@ SMALL_2PASS = SamplingParams(num_frames=9, height=64, width=96, num_inference_st
 FAST = SamplingParams(num_frames=5, height=32, width=48, num_inference_steps=2, guidance_scale_i=2.0)
 FAST_2PASS = dataclasses.replace(FAST, guidance_scale_i=None)
 
+# The Wan2.1-T2V-14B transformer config (the official Lynx adapters' sizes are checked against it on meta).
+WAN14B = dict(
+    num_attention_heads=40,
+    attention_head_dim=128,
+    in_channels=16,
+    out_channels=16,
+    text_dim=4096,
+    freq_dim=256,
+    ffn_dim=13824,
+    num_layers=40,
+    cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads",
+    eps=1e-6,
+)
+
 
 @lru_cache(maxsize=1)
 def tiny_checkpoint() -> Path:

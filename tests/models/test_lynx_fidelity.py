@@ -138,3 +138,38 @@ def test_reference_face_alignment_matches_the_official(tmp_path: Path) -> None:
     # Not bit-exact across environments: numpy 2 vs 1.26 changes the float32 estimate by ~5e-6 px and OpenCV 5 vs
     # 4.11 rounds bilinear samples differently; both move single levels.
     assert diff.max() <= 3 and diff.mean() < 0.25
+
+
+def test_full_size_keys_and_shapes_match_the_official_loaders(tmp_path: Path) -> None:
+    """What the official loaders build for the 14B files (meta device, their hard-coded sizes) == what ours expects."""
+    import torch
+    from diffusers import WanTransformer3DModel
+
+    from farm.models.lynx.loader import AdapterConfig, expected_adapter_shapes
+    from tests.models.lynx_helpers import WAN14B
+
+    out = tmp_path / "shapes.json"
+    script = Path(__file__).with_name("lynx_fidelity_official.py")
+    cmd = [
+        os.environ["LYNX_OFFICIAL_PYTHON"],
+        str(script),
+        "--official-dir",
+        os.environ["LYNX_OFFICIAL_DIR"],
+        "--stub-dir",
+        os.environ["LYNX_FLASH_STUB"],
+        "--dump-shapes",
+        "--out",
+        str(out),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    official = json.loads(out.read_text())
+    for variant in ("full", "lite"):
+        with torch.device("meta"):
+            transformer = WanTransformer3DModel(**WAN14B)
+            ours = {"transformer": {k: tuple(v.shape) for k, v in transformer.state_dict().items()}}
+            ours.update(expected_adapter_shapes(transformer, AdapterConfig.official(variant)))
+        theirs = {f: {k: tuple(s) for k, s in keys.items()} for f, keys in official[variant].items()}
+        assert set(ours) == set(theirs)
+        for name in theirs:
+            assert ours[name] == theirs[name], name

@@ -24,23 +24,7 @@ from farm.models.lynx.weights import (
     WrongShapeError,
     local_dir,
 )
-from tests.models.lynx_helpers import FAST_2PASS, NEGATIVE, PROMPT, adapter_dir, base_dir, inputs, pipeline
-
-# The official 14B adapter sizes, read off the official loaders (resampler 1280 wide, 20 heads x 64, 16 queries,
-# 512 -> 5120 for full / 2048 for lite; full ID-adapter on all 40 blocks with biases; lite on every 2nd block).
-WAN14B = dict(
-    num_attention_heads=40,
-    attention_head_dim=128,
-    in_channels=16,
-    out_channels=16,
-    text_dim=4096,
-    freq_dim=256,
-    ffn_dim=13824,
-    num_layers=40,
-    cross_attn_norm=True,
-    qk_norm="rms_norm_across_heads",
-    eps=1e-6,
-)
+from tests.models.lynx_helpers import FAST_2PASS, NEGATIVE, PROMPT, WAN14B, adapter_dir, base_dir, inputs, pipeline
 
 
 def _tree_digest(root: Path) -> dict[str, str]:
@@ -214,6 +198,9 @@ def test_full_size_keys_and_shapes_on_meta_device() -> None:
         assert shapes["blocks.0.ffn.net.0.proj.weight"] == (13824, 5120)
         assert shapes["blocks.0.scale_shift_table"] == (1, 6, 5120)
         assert shapes["proj_out.weight"] == (64, 5120)
+        # The official 14B adapter sizes, read off the official loaders (resampler 1280 wide, 20 heads x 64,
+        # 16 queries, 512 -> 5120 for full / 2048 for lite; full ID-adapter on all 40 blocks with biases, lite on
+        # every 2nd block without). test_lynx_fidelity checks the same against the official code itself.
         full = expected_adapter_shapes(transformer, AdapterConfig.official("full"))
     res = full["resampler.safetensors"]
     assert res["latents"] == (1, 16, 1280)
