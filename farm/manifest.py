@@ -156,7 +156,11 @@ class Manifest:
                     f"manifest files disagree on column types: {f!r} does not match {self.files[0]!r}: {exc}"
                 ) from None
         self._check_schema()
-        self.dataset = pads.dataset(self.files, schema=self.schema, format="parquet", filesystem=self.fs)
+
+    @property
+    def dataset(self) -> pads.Dataset:
+        """The files as one Arrow dataset (for callers that want Arrow's scanner; ``batches`` does not use it)."""
+        return pads.dataset(self.files, schema=self.schema, format="parquet", filesystem=self.fs)
 
     def _check_schema(self) -> None:
         names = set(self.schema.names)
