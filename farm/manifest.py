@@ -81,7 +81,7 @@ def _plain(field: pa.Field) -> pa.Field:
     return pa.field(field.name, t.value_type if pa.types.is_dictionary(t) else t)  # nullable: other files may lack it
 
 
-def _to_python(column: pa.Array) -> list[Any]:
+def column_values(column: pa.Array) -> list[Any]:
     """Python values of one column, never raising for one bad value: invalid UTF-8 (files from non-Arrow writers)
     is decoded with U+FFFD; a value Python cannot hold (a timestamp past year 9999) stays an Arrow scalar, which is
     written back unchanged if carried through and fails the row check if the farm reads it."""
@@ -216,7 +216,7 @@ class Manifest:
                 continue
             except (ValueError, OverflowError, ArithmeticError, pa.ArrowException):
                 pass  # a value Python cannot hold: convert column by column, value by value where needed
-            columns = [_to_python(col) for col in batch.columns]
+            columns = [column_values(col) for col in batch.columns]
             names = batch.schema.names
             for i in range(batch.num_rows):
                 yield {name: col[i] for name, col in zip(names, columns)}
@@ -229,7 +229,7 @@ class Manifest:
         seen: set[str] = set()
         dups: set[str] = set()
         for batch in self.batches(columns=["id"]):
-            for value in _to_python(batch.column(0)):
+            for value in column_values(batch.column(0)):
                 if not isinstance(value, str) or not value:
                     continue
                 if value in seen:
@@ -253,6 +253,14 @@ class RowDefaults:
     negative_prompt: str
     base_seed: int
     require_rights_confirmed: bool = False
+
+
+def record_key(raw_id: Any, index: int) -> str:
+    """The id a row's record is filed under: its own id when valid, else ``<row N>`` (N = its manifest position).
+
+    Valid ids cannot contain ``<``, so a placeholder never collides with a real id, nor with another bad row.
+    """
+    return raw_id if isinstance(raw_id, str) and ID_PATTERN.fullmatch(raw_id) else f"<row {index}>"
 
 
 def check_id(value: Any) -> str:

@@ -12,6 +12,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from farm import storage
+from farm.manifest import column_values
 from farm.results import read_results
 from farm.storage import OutputLayout
 
@@ -41,8 +42,8 @@ def status_text(output: str, storage_options: dict[str, Any] | None = None) -> s
             lines.append(f"    {code:<22} {count}")
         ok = table.filter(pc.equal(table.column("status"), "ok"))
         if ok.num_rows:
-            gen = pc.mean(ok.column("generate_s")).as_py()
-            lines.append(f"generate_s mean: {gen:.3f}  total_s mean: {pc.mean(ok.column('total_s')).as_py():.3f}")
+            means = {name: pc.mean(ok.column(name)).as_py() for name in ("generate_s", "total_s")}
+            lines.append("  ".join(f"{k} mean: {'-' if v is None else f'{v:.3f}'}" for k, v in means.items()))
     for run in meta.get("runs", []):
         elapsed = run.get("elapsed_s")
         done = sum(v for k, v in run.get("counts", {}).items() if ":" not in k)
@@ -55,6 +56,23 @@ def status_text(output: str, storage_options: dict[str, Any] | None = None) -> s
 def _counts(column: pa.ChunkedArray) -> list[tuple[str, int]]:
     counts = pc.value_counts(column).to_pylist()
     return sorted(((c["values"], c["counts"]) for c in counts), key=lambda kv: -kv[1])
+
+
+def _json_default(value: Any) -> Any:
+    """datetimes, decimals, bytes -> text; an Arrow value Python cannot hold (a timestamp past 9999) -> its raw int."""
+    if isinstance(value, pa.Scalar):
+        return getattr(value, "value", None) if not hasattr(value, "as_buffer") else repr(value)
+    return str(value)
+
+
+def _flat_for_csv(table: pa.Table) -> pa.Table:
+    """CSV has no nested types: nested columns (list, struct, map) are written as JSON text."""
+    for i, field in enumerate(table.schema):
+        if pa.types.is_nested(field.type):
+            values = column_values(table.column(i).combine_chunks())
+            text = pa.array([None if v is None else json.dumps(v, default=_json_default) for v in values], pa.string())
+            table = table.set_column(i, field.name, text)
+    return table
 
 
 def export_results(
@@ -75,10 +93,12 @@ def export_results(
             raise SystemExit("--format parquet needs --to FILE")
         pq.write_table(table, buf)
     elif fmt == "csv":
-        pacsv.write_csv(table, buf)
+        pacsv.write_csv(_flat_for_csv(table), buf)
     else:
-        for row in table.to_pylist():
-            buf.write((json.dumps(row, default=str) + "\n").encode())
+        names = table.column_names
+        columns = [column_values(table.column(n).combine_chunks()) for n in names]
+        for values in zip(*columns):
+            buf.write((json.dumps(dict(zip(names, values)), default=_json_default, ensure_ascii=False) + "\n").encode())
     if to:
         storage.write_bytes_atomic(to, buf.getvalue(), storage_options)
         return f"wrote {table.num_rows} records to {to}"

@@ -16,7 +16,7 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from farm import results
-from farm.manifest import ID_PATTERN, Manifest
+from farm.manifest import Manifest, record_key
 from farm.records import ErrorCode, Status
 from farm.storage import OutputLayout
 
@@ -79,7 +79,7 @@ def score_manifest(
         chunk: list[dict[str, Any]] = []
         seen_dups: set[str] = set()
         for index, row in enumerate(manifest.rows()):
-            row_id = row.get("id") if isinstance(row.get("id"), str) and row.get("id") else f"<row {index}>"
+            row_id = record_key(row.get("id"), index)
             if row_id in done or row_id in seen_dups:
                 counts["already_committed" if row_id in done else "duplicate_rows"] += 1
                 bar.update(1)
@@ -88,8 +88,8 @@ def score_manifest(
             if row_id in duplicates:
                 seen_dups.add(row_id)
                 problem = (ErrorCode.DUPLICATE_ID, f"id {row_id!r} occurs more than once")
-            elif not ID_PATTERN.fullmatch(row_id):
-                problem = (ErrorCode.BAD_ID, f"id {row_id!r} must match [A-Za-z0-9._-]{{1,128}}")
+            elif row_id != row.get("id"):
+                problem = (ErrorCode.BAD_ID, f"id {row.get('id')!r} must match [A-Za-z0-9._-]{{1,128}}")
             if problem:
                 commit(row, {"id": row_id, "status": Status.FAILED.value, "error_code": problem[0].value,
                              "error_message": problem[1], "portrait": row.get("portrait"), "video": row.get("video")})

@@ -123,3 +123,30 @@ def test_schemas_command_writes_files(tmp_path: Path) -> None:
     assert main(["schemas", "--dir", str(tmp_path)]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["job.schema.json", "manifest.schema.json",
                                                           "result.schema.json"]
+
+
+def test_status_and_exports_survive_nested_and_extreme_values(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """Scored-only outputs (no generate_s), nested carried columns and a timestamp past year 9999."""
+    import datetime as dt
+
+    import pyarrow as pa
+
+    from farm.results import result_schema
+
+    schema = result_schema(pa.schema([("tags", pa.list_(pa.string())), ("far", pa.timestamp("ms"))]))
+    now = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+    table = pa.Table.from_pylist([{"id": "a", "status": "ok", "committed_at": now, "tags": ["x", "y"]},
+                                  {"id": "b", "status": "ok", "committed_at": now}], schema=schema)
+    far = pa.array([300_000_000_000_000, None], pa.timestamp("ms"))  # beyond datetime's range
+    table = table.set_column(schema.get_field_index("far"), "far", far)
+    layout = OutputLayout(str(tmp_path / "out"))
+    Path(layout.results_dir).mkdir(parents=True)
+    pq.write_table(table, layout.results_part("r", 0))
+    assert main(["status", layout.root]) == 0
+    assert "generate_s mean: -" in capsys.readouterr().out
+    assert main(["results", layout.root, "--format", "csv"]) == 0
+    assert '"[""x"", ""y""]"' in capsys.readouterr().out
+    assert main(["results", layout.root, "--format", "jsonl"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert lines[0]["tags"] == ["x", "y"] and lines[0]["far"] is not None and lines[1]["far"] is None

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from farm import __version__, results
 from farm.config import JobSpec
-from farm.manifest import Manifest, RowDefaults, check_id, resolve_row
+from farm.manifest import Manifest, ManifestError, RowDefaults, record_key, resolve_row
 from farm.models import build_backend
 from farm.models.base import GenerationRequest
 from farm.records import ErrorCode, RowError, Status
@@ -165,7 +165,7 @@ class Driver:
         reported_dups: set[str] = set()
         for index, row in enumerate(manifest.rows()):
             raw_id = row.get("id")
-            row_id = raw_id if isinstance(raw_id, str) and raw_id else f"<row {index}>"
+            row_id = record_key(raw_id, index)
             if row_id in done:
                 self.already_committed += 1
                 self._tick()
@@ -178,7 +178,6 @@ class Driver:
                     self._tick()
                 continue
             try:
-                check_id(raw_id)
                 request = resolve_row(row, defaults)
             except RowError as exc:
                 row = {**row, "id": row_id}
@@ -403,7 +402,7 @@ class Driver:
         try:
             self._loop(stream)
             status = "finished"
-        except JobAborted:
+        except (JobAborted, ManifestError):
             status = "aborted"
             raise
         finally:

@@ -52,9 +52,9 @@ def test_bad_rows_become_records_and_good_rows_get_videos(tmp_path: Path) -> Non
     out = str(tmp_path / "out")
     summary = run_job(still_job(manifest, out, resources={"replicas": 2, **FAST}), progress=False)
     recs = _records(out)
-    assert set(recs) == {"row-000", "row-001", "row-002", "dup", "bad id!", "empty", "range", "missing",
+    assert set(recs) == {"row-000", "row-001", "row-002", "dup", "<row 5>", "empty", "range", "missing",
                          "notimage", "noface", "norights", "<row 12>"}
-    expect = {"dup": "duplicate_id", "bad id!": "bad_id", "empty": "empty_prompt", "range": "bad_param",
+    expect = {"dup": "duplicate_id", "<row 5>": "bad_id", "empty": "empty_prompt", "range": "bad_param",
               "missing": "portrait_unreadable", "notimage": "portrait_unreadable", "noface": "no_face",
               "<row 12>": "bad_id", "norights": "rights_not_confirmed"}
     for row_id, code in expect.items():

@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from farm.manifest import Manifest
+from farm.manifest import Manifest, record_key
 from farm.results import read_results
 from farm.runtime.driver import run_job
 from farm.storage import OutputLayout
@@ -45,7 +45,7 @@ ROWS_A: list[tuple[Any, ...]] = [
     ("seedneg", "-1", None, "p", ASTRONAUT, "bad_param"),
     ("h64", None, "64", "p", ASTRONAUT, "ok"),
     ("hbad", None, "sixty", "p", ASTRONAUT, "bad_param"),
-    ("émoji", None, None, "p", ASTRONAUT, "bad_id"),
+    ("émoji", None, None, "p", ASTRONAUT, "bad_id"),  # recorded as "<row 10>"
     ("noportrait", None, None, "p", None, "missing_portrait"),
     (None, None, None, "p", ASTRONAUT, "bad_id"),  # recorded as "<row 12>"
     ("dup", None, None, "first", ASTRONAUT, "duplicate_id"),
@@ -90,7 +90,7 @@ def _write_manifest(root: Path) -> dict[str, dict[str, Any]]:
     pq.write_table(pa.table({"id": pa.array([], pa.int64())}), root / "c.parquet")  # 0 rows, odd type
     carried: dict[str, dict[str, Any]] = {}
     for index, row in enumerate(Manifest(str(root)).rows()):
-        row_id = row["id"] if row["id"] not in ("", None) else f"<row {index}>"
+        row_id = record_key(row["id"], index)
         carried.setdefault(row_id, row)
     return carried
 
@@ -105,7 +105,7 @@ def test_nasty_manifest_end_to_end_and_rerun(tmp_path: Path) -> None:
 
     table = read_results(OutputLayout(str(out)))
     recs = {r["id"]: r for r in table.drop_columns(["far"]).to_pylist()}  # "far" has no Python datetime
-    expected = {(r[0] if r[0] is not None else "<row 12>"): r[5] for r in ROWS_A + ROWS_B}
+    expected = {record_key(r[0], i): r[5] for i, r in enumerate(ROWS_A + ROWS_B)}
     assert len(recs) == table.num_rows == len(expected) == len(source)
     assert set(recs) == set(expected)
     for row_id, want in expected.items():
