@@ -105,14 +105,18 @@ def list_files(uri: str, suffix: str, storage_options: dict[str, Any] | None = N
     return sorted(out)
 
 
-def read_image(uri: str, storage_options: dict[str, Any] | None = None) -> np.ndarray:
-    """Decode an image at ``uri`` to RGB uint8 ``(H, W, 3)`` (EXIF orientation applied)."""
+def decode_image(data: bytes) -> np.ndarray:
+    """Image bytes -> RGB uint8 ``(H, W, 3)`` (EXIF orientation applied)."""
     from PIL import Image, ImageOps
 
-    data = read_bytes(uri, storage_options)
     with Image.open(io.BytesIO(data)) as img:
         img = ImageOps.exif_transpose(img)
         return np.asarray(img.convert("RGB"))
+
+
+def read_image(uri: str, storage_options: dict[str, Any] | None = None) -> np.ndarray:
+    """Read and decode the image at ``uri`` to RGB uint8 ``(H, W, 3)``."""
+    return decode_image(read_bytes(uri, storage_options))
 
 
 @dataclass(frozen=True)

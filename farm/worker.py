@@ -105,10 +105,14 @@ class RowProcessor:
     # ------------------------------------------------------------------ stages
     def _load_portrait(self, uri: str) -> Portrait:
         try:
-            image = storage.read_image(uri, self.job.storage_options)
-        except FileNotFoundError as exc:
-            raise RowError(ErrorCode.PORTRAIT_UNREADABLE, f"portrait {uri!r} not found: {exc}") from None
-        except OSError as exc:
+            data = storage.read_bytes(uri, self.job.storage_options)
+        except (FileNotFoundError, IsADirectoryError, PermissionError, ValueError) as exc:
+            raise RowError(ErrorCode.PORTRAIT_UNREADABLE, f"portrait {uri!r} cannot be read: {exc}") from None
+        except OSError as exc:  # network/storage faults are not the row's fault: retried, never cached
+            raise InfraError(f"fetching portrait {uri!r} failed: {type(exc).__name__}: {exc}") from exc
+        try:
+            image = storage.decode_image(data)
+        except Exception as exc:  # noqa: BLE001 - whatever PIL raises, the bytes are not a usable image
             raise RowError(ErrorCode.PORTRAIT_UNREADABLE, f"portrait {uri!r} is not a readable image: {exc}") from None
         embedding = None
         if self.recognizer is not None:
