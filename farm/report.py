@@ -82,11 +82,11 @@ def export_results(
     layout = OutputLayout(output, storage_options)
     table = read_results(layout)
     if fmt == "table":
-        shown = table.select([c for c in ("id", "status", "error_code", "identity_mean", "face_rate", "video")
-                              if c in table.column_names])
+        wanted = ("id", "status", "error_code", "identity_mean", "identity_distance_mean", "face_rate", "video")
+        shown = table.select([c for c in wanted if c in table.column_names])
         if limit is not None:
             shown = shown.slice(0, limit)
-        return shown.to_pandas().to_string(index=False) if shown.num_rows else "(no records)"
+        return shown.to_pandas().to_string(index=False, na_rep="-") if shown.num_rows else "(no records)"
     buf = io.BytesIO()
     if fmt == "parquet":
         if not to:
