@@ -12,7 +12,6 @@ here as RGB and are handed to insightface as BGR, which is what its models expec
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 import warnings
 import zipfile
@@ -22,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from farm import storage
+from farm.cache import fetch_folder, node_cache
 from farm.identity.faces import (
     Face,
     FaceDetector,
@@ -41,9 +41,8 @@ warnings.filterwarnings("ignore", message="`estimate` is deprecated", category=F
 
 
 def cache_root() -> Path:
-    """Where remote packs are copied: ``$FARM_CACHE`` or ``~/.cache/lynx-farm``, then ``insightface/``."""
-    base = os.environ.get("FARM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "lynx-farm")
-    return Path(base) / "insightface"
+    """Where remote and zipped packs are unpacked: the node cache's ``insightface/``."""
+    return node_cache("insightface")
 
 
 def _insightface_model_zoo():
@@ -72,6 +71,13 @@ def local_pack_dir(uri: str, storage_options: dict[str, Any] | None = None) -> P
         if not local.is_dir():
             raise FileNotFoundError(f"insightface pack {uri!r} is not a folder; give the folder of its .onnx files")
         return _find_onnx_dir(local)
+    if not uri.endswith(".zip"):  # a remote folder: the shared, verified node cache
+        try:
+            return _find_onnx_dir(fetch_folder(uri, "insightface", storage_options))
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"no .onnx files under {uri!r}; point identity.pack at an insightface model pack"
+            ) from None
     target = cache_root() / hashlib.sha256(uri.encode()).hexdigest()[:16]
     if (target / _DONE).exists():
         return _find_onnx_dir(target)
@@ -85,28 +91,17 @@ def local_pack_dir(uri: str, storage_options: dict[str, Any] | None = None) -> P
 
 
 def _materialize(uri: str, target: Path, storage_options: dict[str, Any] | None) -> None:
-    """Copy (or unzip) the pack into ``target`` and mark it complete, so a crash never leaves a half pack in use."""
+    """Unzip a zipped pack into ``target`` and mark it complete, so a crash never leaves a half pack in use."""
     staging = target.with_name(target.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     fs, path = storage.get_fs(uri, storage_options)
-    if uri.endswith(".zip"):
-        archive = staging / "pack.zip"
-        with fs.open(path, "rb") as src, open(archive, "wb") as dst:
-            shutil.copyfileobj(src, dst)
-        with zipfile.ZipFile(archive) as zf:
-            zf.extractall(staging)
-        archive.unlink()
-    else:
-        names = fs.find(path)  # ONNX files plus a V2 pack's manifest.json and MODEL.LICENSE
-        if not any(n.endswith(".onnx") for n in names):
-            raise FileNotFoundError(f"no .onnx files under {uri!r}; point identity.pack at an insightface model pack")
-        prefix = path.rstrip("/") + "/"
-        for name in names:
-            rel = name[len(prefix) :] if name.startswith(prefix) else os.path.basename(name)
-            dest = staging / rel
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            fs.get_file(name, str(dest))
+    archive = staging / "pack.zip"
+    with fs.open(path, "rb") as src, open(archive, "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    with zipfile.ZipFile(archive) as zf:
+        zf.extractall(staging)
+    archive.unlink()
     (staging / _DONE).write_text(uri)
     shutil.rmtree(target, ignore_errors=True)
     staging.rename(target)
