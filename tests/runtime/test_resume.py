@@ -74,3 +74,31 @@ def test_driver_killed_then_rerun(tmp_path: Path) -> None:
     assert raw == 16, "no id may be committed twice"
     for row_id, stamp in stamps.items():
         assert os.stat(tmp_path / "out" / "videos" / f"{row_id}.mp4").st_mtime_ns == stamp, f"{row_id} regenerated"
+
+
+def test_sigterm_commits_buffered_records_and_marks_the_run_interrupted(tmp_path: Path) -> None:
+    """`ray job stop` / a scheduler's SIGTERM: records still in the buffer are committed before the driver exits."""
+    import json
+
+    import ray
+
+    manifest = write_manifest(tmp_path / "m.parquet", rows(12))
+    out = str(tmp_path / "out")
+    spec = _spec(tmp_path, manifest, out, delay=0.3)
+    data = yaml.safe_load(spec.read_text())
+    data["runtime"].update(commit_every_rows=1000, commit_every_s=3600)  # nothing is committed until the end
+    spec.write_text(yaml.safe_dump(data))
+    proc = _farm(spec, ray.get_runtime_context().gcs_address)
+    videos = tmp_path / "out" / "videos"
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(videos.glob("*.mp4"))) < 3:
+        assert proc.poll() is None, proc.stdout.read().decode()
+        time.sleep(0.1)
+    assert OutputLayout(out).result_parts() == []
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=120)[0].decode()
+    assert proc.returncode == 130, output
+    committed = read_results(OutputLayout(out))
+    assert committed.num_rows >= 3 and set(committed.column("status").to_pylist()) == {"ok"}
+    meta = json.loads((tmp_path / "out" / "_job.json").read_text())
+    assert meta["runs"][-1]["status"] == "interrupted"
