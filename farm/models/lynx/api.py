@@ -3,7 +3,7 @@ variant, dtype, device) in this process, so repeated calls do not reload weights
 
     frames = generate_from_embedding(base, adapter, "full", embedding_512, aligned_face_256, prompt, negative,
                                      SamplingParams(...), seed)          # float32 (F, H, W, 3) in [0, 1]
-    frames = generate_from_portrait(base, adapter, "full", portrait_rgb, face_pack, prompt, ...)
+    frames = generate_from_portrait(base, adapter, "full", portrait_rgb, face_pack, prompt, ..., arcface=irse50_pth)
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def generate_from_portrait(
     adapter: str,
     variant: str,
     portrait: np.ndarray,
-    face_pack: str,
+    face_pack: str | None,
     prompt: str,
     negative_prompt: str | None = None,
     params: SamplingParams | None = None,
@@ -89,12 +89,16 @@ def generate_from_portrait(
     device: str = "cpu",
     face_detector: str = "insightface",
     storage_options: dict[str, Any] | None = None,
+    arcface: str | None = None,
 ) -> np.ndarray:
-    """One video from a portrait (RGB uint8): largest face, 5 keypoints, ArcFace from the insightface ``face_pack``.
+    """One video from a portrait (RGB uint8): largest face, 5 keypoints, a unit 512-d identity vector.
 
+    ``arcface`` (facexlib's ``recognition_arcface_ir_se50.pth``, path or URI) is the official embedder; without it
+    the insightface ``face_pack``'s ArcFace embeds, L2-normalised, with a warning. ``face_pack`` provides the
+    detector (``face_detector="insightface"``) and may be None with ``arcface`` and ``face_detector="dlib"``.
     Raises ``farm.records.RowError(NO_FACE)`` when no face is found (before any DiT work).
     """
-    subject: LynxSubject = prepare_subject(portrait, face_pack, face_detector, storage_options)
+    subject: LynxSubject = prepare_subject(portrait, face_pack, face_detector, storage_options, arcface)
     return generate_from_embedding(
         base,
         adapter,

@@ -1,8 +1,11 @@
 """``lynx``: the farm backend for Lynx full and lite (``model.variant``), on our implementation in this package.
 
 Weights (``model.weights``): ``base`` (a ``Wan2.1-T2V-14B-Diffusers`` folder), ``adapter`` (``lynx_full`` or
-``lynx_lite``), ``face_pack`` (an insightface model pack: detector + ArcFace); each a local path or fsspec URI
-(remote folders are fetched once per node into a verified cache). ``dtype``: auto = bf16 on GPU, fp32 on CPU.
+``lynx_lite``), ``arcface`` (facexlib's ``recognition_arcface_ir_se50.pth``: the face embedder Lynx was trained on),
+``face_pack`` (an insightface model pack: the SCRFD detector, and the fallback ArcFace when ``arcface`` is not given,
+L2-normalised with a warning: identity conditioning is then not the official one); each a local path or fsspec URI
+(remote files and folders are fetched once per node into a verified cache). ``face_pack`` may be left out when
+``arcface`` is given and ``face_detector`` is ``dlib``. ``dtype``: auto = bf16 on GPU, fp32 on CPU.
 
 Options (``model.options``), all optional:
 
@@ -151,16 +154,24 @@ class LynxBackend(Backend):
                         digest.update(fh.read(size))
                 elif path.suffix == ".json":
                     digest.update(path.read_bytes())
+        # The face embedding conditions every frame: name the embedder (and the official file's bytes).
+        if self.spec.weights.get("arcface"):
+            digest.update(b"face:irse50@" + self._face_models()[1].fingerprint().encode())
+        else:
+            digest.update(b"face:pack-arcface-unit")
         return digest.hexdigest()[:16]
 
     def _face_models(self):
+        """(detector, embedder), loaded on first use: CPU workers call ``prepare_subject`` without ``setup``."""
         if self._face is None:
-            pack = self.spec.weights.get("face_pack")
-            if not pack:
-                raise ValueError("lynx needs model.weights.face_pack (an insightface pack) to read portraits")
             storage_options = self._storage_options()
             key = json.dumps(storage_options, sort_keys=True) if storage_options else None
-            self._face = face_models(pack, str(self._option("face_detector", "insightface")), key)
+            self._face = face_models(
+                self.spec.weights.get("face_pack"),
+                str(self._option("face_detector", "insightface")),
+                key,
+                self.spec.weights.get("arcface"),
+            )
         return self._face
 
     def prepare_subject(self, image: np.ndarray) -> LynxSubject:

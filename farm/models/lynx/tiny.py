@@ -7,6 +7,8 @@
     DIR/lynx_full/   resampler.safetensors, ip_layers.safetensors (with registers), ref_layers.safetensors
     DIR/lynx_lite/   resampler.safetensors, ip_layers.safetensors (every 2nd block, no biases)
     DIR/insightface/ a tiny random-weight ArcFace (and detector) in insightface's format
+    DIR/arcface/recognition_arcface_ir_se50.pth  the official face embedder's file: random weights in the exact
+                     official key layout, on a small IR-SE (units 1,2,1,1; widths 16..32; still 512-d), ~3.4 MB
 
 Same seed, same bytes. Sizes that no official file can tell (head split) go into ``lynx_adapter.json``, which
 our loader reads and the official code ignores. One 64x96, 9-frame, 4-step video takes about a second on a CPU.
@@ -20,10 +22,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from farm.models.lynx.arcface import ARCFACE_FILE
 from farm.models.lynx.loader import ADAPTER_CONFIG, IP_FILE, REF_FILE, RESAMPLER_FILE, AdapterConfig, build_adapters
 from farm.models.lynx.pipeline import OFFICIAL_NEGATIVE_PROMPT, REF_PROMPT
 
 BASE_DIRNAME = "Wan2.1-T2V-14B-Diffusers"  # the official README's folder names: this, lynx_full, lynx_lite
+ARCFACE_DIRNAME = "arcface"
 TEXT_DIM = 32
 HEADS = 2
 HEAD_DIM = 16
@@ -169,8 +173,10 @@ def _save(module: torch.nn.Module, path: Path) -> None:
     save_file({k: v.contiguous() for k, v in sorted(module.state_dict().items())}, str(path))
 
 
-def make_tiny_checkpoint(directory: str | Path, seed: int = 0, with_insightface: bool = True) -> Path:
-    """Write base + lynx_full + lynx_lite (+ a tiny insightface pack) under ``directory``; returns it."""
+def make_tiny_checkpoint(
+    directory: str | Path, seed: int = 0, with_insightface: bool = True, with_arcface: bool = True
+) -> Path:
+    """Write base + lynx_full + lynx_lite (+ a tiny insightface pack, + a tiny IR-SE ArcFace) under ``directory``."""
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
 
@@ -277,4 +283,8 @@ def make_tiny_checkpoint(directory: str | Path, seed: int = 0, with_insightface:
         from farm.identity.tiny_pack import write_tiny_insightface_pack
 
         write_tiny_insightface_pack(root / "insightface", seed)
+    if with_arcface:
+        from farm.models.lynx.arcface import write_tiny_irse50
+
+        write_tiny_irse50(root / ARCFACE_DIRNAME / ARCFACE_FILE, seed)
     return root

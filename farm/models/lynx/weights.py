@@ -128,7 +128,43 @@ def local_dir(uri: str, storage_options: dict[str, Any] | None = None) -> Path:
     return target
 
 
-def _download(uri: str, target: Path, listing: dict[str, int], storage_options: dict[str, Any] | None) -> None:
+def local_file(uri: str, storage_options: dict[str, Any] | None = None, role: str = "weights") -> Path:
+    """A local copy of the single file at ``uri``: the file itself when local, else the node cache (same lock,
+    atomic rename, size check and sha256 manifest as folders; a changed remote size refetches it)."""
+    if storage.is_local(uri):
+        _, path = storage.get_fs(uri)
+        local = Path(path)
+        if not local.is_file():
+            raise MissingWeightsFile(str(local), role)
+        return local
+    from filelock import FileLock
+
+    fs, path = storage.get_fs(uri, storage_options)
+    try:
+        info = fs.info(path)
+    except FileNotFoundError:
+        raise MissingWeightsFile(uri, role) from None
+    if info.get("type", "file") != "file":
+        raise MissingWeightsFile(uri, role)
+    name = os.path.basename(path.rstrip("/"))
+    listing = {name: int(info["size"])}
+    target = cache_root() / hashlib.sha256(uri.encode()).hexdigest()[:20]
+    if not _valid(target, listing):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(target) + ".lock"):
+            if not _valid(target, listing):
+                _download(uri, target, listing, storage_options, sources={name: path})
+    return target / name
+
+
+def _download(
+    uri: str,
+    target: Path,
+    listing: dict[str, int],
+    storage_options: dict[str, Any] | None,
+    sources: dict[str, str] | None = None,
+) -> None:
+    """Copy every listed file (``sources`` maps a name to its remote path; default: under the folder ``uri``)."""
     fs, path = storage.get_fs(uri, storage_options)
     (target / MANIFEST).unlink(missing_ok=True)  # invalid until every file is verified
     files = {}
@@ -136,7 +172,8 @@ def _download(uri: str, target: Path, listing: dict[str, int], storage_options: 
         dest = target / rel
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(f".{dest.name}.{os.getpid()}.part")
-        with fs.open(path.rstrip("/") + "/" + rel, "rb") as src, open(tmp, "wb") as dst:
+        source = sources[rel] if sources else path.rstrip("/") + "/" + rel
+        with fs.open(source, "rb") as src, open(tmp, "wb") as dst:
             shutil.copyfileobj(src, dst, 1 << 22)
         got = tmp.stat().st_size
         if got != size:
