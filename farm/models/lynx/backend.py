@@ -155,8 +155,13 @@ class LynxBackend(Backend):
                 elif path.suffix == ".json":
                     digest.update(path.read_bytes())
         # The face embedding conditions every frame: name the embedder (and the official file's bytes).
-        if self.spec.weights.get("arcface"):
-            digest.update(b"face:irse50@" + self._face_models()[1].fingerprint().encode())
+        arcface = self.spec.weights.get("arcface")
+        if arcface:
+            from farm.models.lynx.arcface import irse50_embedder
+
+            options = self._storage_options()
+            embedder = irse50_embedder(arcface, json.dumps(options, sort_keys=True) if options else None)
+            digest.update(b"face:irse50@" + embedder.fingerprint().encode())
         else:
             digest.update(b"face:pack-arcface-unit")
         return digest.hexdigest()[:16]
