@@ -64,7 +64,8 @@ def generate_from_embedding(
     device: str = "cpu",
     options: Options | None = None,
 ) -> np.ndarray:
-    """One video from a precomputed 512-d ArcFace embedding and a 256x256 aligned face (RGB uint8; full only).
+    """One video from a precomputed 512-d face embedding (the official one is unit-norm: ``IRSE50Embedder``) and a
+    256x256 aligned face (RGB uint8; full only).
 
     ``negative_prompt=None`` uses the official one; ``params=None`` uses the variant's official defaults.
     Returns float32 frames ``(F, H, W, 3)`` in [0, 1].
