@@ -88,7 +88,38 @@ def fetch_folder(uri: str, kind: str, storage_options: dict[str, Any] | None = N
     return target
 
 
-def _download(uri: str, target: Path, listing: dict[str, int], storage_options: dict[str, Any] | None) -> None:
+def fetch_file(uri: str, kind: str, storage_options: dict[str, Any] | None = None) -> Path:
+    """The local copy of the single remote file ``uri``, with the same guarantees as ``fetch_folder``."""
+    from filelock import FileLock
+
+    fs, path = storage.get_fs(uri, storage_options)
+    name = os.path.basename(path.rstrip("/"))
+    target = node_cache(kind) / hashlib.sha256(uri.encode()).hexdigest()[:20]
+    try:
+        info = fs.info(path)
+        listing = {name: int(info["size"])} if info.get("type", "file") == "file" else {}
+    except OSError:  # gone (FileNotFoundError) or unreachable: a verified copy is as good as the remote
+        listing = {}
+    if not listing:
+        if _valid(target, None) and (target / name).is_file():
+            return target / name
+        raise FileNotFoundError(f"{uri!r} is not a file (and no verified copy is cached)")
+    if not _valid(target, listing):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(target) + ".lock"):
+            if not _valid(target, listing):
+                _download(uri, target, listing, storage_options, sources={name: path})
+    return target / name
+
+
+def _download(
+    uri: str,
+    target: Path,
+    listing: dict[str, int],
+    storage_options: dict[str, Any] | None,
+    sources: dict[str, str] | None = None,
+) -> None:
+    """Copy every listed file (``sources`` maps a name to its remote path; default: under the folder ``uri``)."""
     fs, path = storage.get_fs(uri, storage_options)
     target.mkdir(parents=True, exist_ok=True)
     (target / MANIFEST).unlink(missing_ok=True)  # invalid until every file is verified
@@ -97,7 +128,8 @@ def _download(uri: str, target: Path, listing: dict[str, int], storage_options: 
         dest = target / rel
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(f".{dest.name}.{os.getpid()}.part")
-        with fs.open(path.rstrip("/") + "/" + rel, "rb") as src, open(tmp, "wb") as dst:
+        source = sources[rel] if sources else path.rstrip("/") + "/" + rel
+        with fs.open(source, "rb") as src, open(tmp, "wb") as dst:
             shutil.copyfileobj(src, dst, 1 << 22)
         got = tmp.stat().st_size
         if got != size:

@@ -25,7 +25,7 @@ class ModelSection(_Strict):
     variant: str | None = Field(default=None, description="Backend variant, e.g. lynx: full | lite")
     weights: dict[str, str] = Field(
         default_factory=dict,
-        description="Role -> local path or fsspec URI (lynx: base, adapter, face_pack)",
+        description="Role -> local path or fsspec URI (lynx: base, adapter, arcface, face_pack)",
     )
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         default="auto", description="auto = bf16 on GPU, fp32 on CPU"
