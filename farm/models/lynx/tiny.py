@@ -16,6 +16,7 @@ our loader reads and the official code ignores. One 64x96, 9-frame, 4-step video
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -233,36 +234,24 @@ def make_tiny_checkpoint(
     (base / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER_CONFIG, indent=2))
 
     inner = HEADS * HEAD_DIM
-    variants = {
-        "full": AdapterConfig(
-            variant="full",
-            resampler_dim=32,
-            resampler_depth=2,
-            resampler_dim_head=8,
-            resampler_heads=4,
-            resampler_queries=4,
-            resampler_ff_mult=2,
-            ip_dim=inner,
-            ip_interval=1,
-            ip_bias=True,
-            ip_registers=2,
-            ref_adapter=True,
-        ),
-        "lite": AdapterConfig(
-            variant="lite",
-            resampler_dim=32,
-            resampler_depth=2,
-            resampler_dim_head=8,
-            resampler_heads=4,
-            resampler_queries=4,
-            resampler_ff_mult=2,
-            ip_dim=LITE_IP_DIM,
-            ip_interval=2,
-            ip_bias=False,
-            ip_registers=0,
-            ref_adapter=False,
-        ),
-    }
+    full = AdapterConfig(
+        variant="full",
+        resampler_dim=32,
+        resampler_depth=2,
+        resampler_dim_head=8,
+        resampler_heads=4,
+        resampler_queries=4,
+        resampler_ff_mult=2,
+        ip_dim=inner,
+        ip_interval=1,
+        ip_bias=True,
+        ip_registers=2,
+        ref_adapter=True,
+    )
+    lite = dataclasses.replace(
+        full, variant="lite", ip_dim=LITE_IP_DIM, ip_interval=2, ip_bias=False, ip_registers=0, ref_adapter=False
+    )
+    variants = {"full": full, "lite": lite}
     for index, (variant, config) in enumerate(variants.items()):
         folder = root / f"lynx_{variant}"
         folder.mkdir(parents=True, exist_ok=True)
