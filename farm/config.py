@@ -119,6 +119,9 @@ class Runtime(_Strict):
     )
     check_portraits: bool = Field(default=False, description="`farm validate`: also open every portrait")
     max_replica_restarts: int = Field(default=50, ge=0, description="Give up after this many replica deaths")
+    start_timeout_s: float = Field(
+        default=1800.0, gt=0, description="Abort if no replica has started (loaded its model) after this long"
+    )
     inject_faults: dict[Literal["crash", "hang", "oom", "delay"], dict[str, float]] = Field(
         default_factory=dict,
         description="Chaos drills and tests only: kind -> {row id: n}. crash/hang/oom hit the row's first n "

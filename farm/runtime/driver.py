@@ -62,6 +62,7 @@ class Slot:
     solo: bool = False
     reserved: bool = False
     generation: int = 0
+    started_at: float = 0.0
 
     @property
     def name(self) -> str:
@@ -155,6 +156,7 @@ class Driver:
         ).remote(self.job, slot.name)
         slot.info_ref = slot.actor.info.remote()
         slot.info = None
+        slot.started_at = time.monotonic()
         slot.inflight = {}
         slot.solo = False
         slot.reserved = False
@@ -339,6 +341,19 @@ class Driver:
         slot.generation += 1
         self._start_slot(slot)
 
+    def _check_start_timeout(self) -> None:
+        """No replica ever started (e.g. more GPUs asked for than the cluster has, and no autoscaler): stop."""
+        if any(s.info is not None for s in self.slots):
+            return
+        waited = time.monotonic() - min(s.started_at for s in self.slots)
+        if waited > self.job.runtime.start_timeout_s:
+            ask = f"{self._gpus:g} GPU(s) and {self._cpus:g} CPU(s) per replica"
+            have = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
+            raise JobAborted(
+                f"no replica started within runtime.start_timeout_s={self.job.runtime.start_timeout_s:g}s "
+                f"(each asks for {ask}; the cluster has {have}); lower resources.replicas or add nodes"
+            )
+
     def _check_deadlines(self) -> None:
         now = time.monotonic()
         for slot in self.slots:
@@ -436,6 +451,7 @@ class Driver:
             refs = list(inflight) + list(pending_info)
             if not refs:
                 raise JobAborted("no replica is running and rows remain")
+            self._check_start_timeout()
             wait_s = min(1.0, self.writer.due_in())
             ready, _ = ray.wait(refs, num_returns=1, timeout=wait_s)
             if ready:

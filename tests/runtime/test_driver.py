@@ -192,3 +192,13 @@ def test_backend_that_cannot_load_aborts_naming_the_problem(tmp_path: Path) -> N
         run_job(job, progress=False)
     meta = json.loads((tmp_path / "out" / "_job.json").read_text())
     assert meta["runs"][-1]["status"] == "aborted"
+
+
+def test_replicas_that_cannot_be_placed_abort_with_the_resource_ask(tmp_path: Path) -> None:
+    """More CPU per replica than the cluster has: nothing can start, the job says why instead of hanging."""
+    from farm.runtime.errors import JobAborted
+
+    job = still_job(write_manifest(tmp_path / "m.parquet", rows(1)), str(tmp_path / "out"),
+                    resources={"replicas": 1, "cpus_per_replica": 64}, runtime={"start_timeout_s": 3})
+    with pytest.raises(JobAborted, match="64 CPU"):
+        run_job(job, progress=False)
