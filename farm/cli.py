@@ -27,21 +27,35 @@ def _storage_options(pairs: Sequence[str] | None) -> dict[str, Any]:
     return out
 
 
-def _load(args: argparse.Namespace):
+def _load(args: argparse.Namespace, path: str | None = None):
     from farm.config import load_job
 
     overrides = {"manifest": args.manifest, "output": getattr(args, "output", None)}
     if getattr(args, "replicas", None) is not None:
         overrides["resources.replicas"] = args.replicas if args.replicas == "all" else int(args.replicas)
-    return load_job(args.job, overrides)
+    return load_job(path or args.job, overrides)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    """One job, or a sweep: several jobs in turn on one Ray cluster (e.g. Lynx and the `still` ceiling)."""
     from farm.runtime.driver import run_job
 
-    job = _load(args)
-    summary = run_job(job, progress=not args.no_progress, retry_failed=args.retry_failed)
-    print(json.dumps(summary.as_dict(), indent=2))
+    paths = [args.job, *args.more_jobs]
+    if len(paths) > 1 and args.output:
+        raise SystemExit("--output overrides one job's output; a sweep writes each job to its own output")
+    jobs = [_load(args, path) for path in paths]  # validate every spec before any GPU time
+    for path, job in zip(paths, jobs):
+        if len(jobs) > 1:
+            print(f"== {path}: {job.model.backend} -> {job.output}", file=sys.stderr)
+        summary = run_job(job, progress=not args.no_progress, retry_failed=args.retry_failed)
+        print(json.dumps(summary.as_dict(), indent=2))
+    return EXIT_OK
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from farm.report import compare_outputs
+
+    print(compare_outputs(args.outputs, _storage_options(args.storage_option), args.to, args.limit))
     return EXIT_OK
 
 
@@ -109,8 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
         if output:
             p.add_argument("--output", help="override the job's output URI")
 
-    p = sub.add_parser("run", help="run a job (rerun to resume)")
+    p = sub.add_parser("run", help="run a job, or several in turn (a sweep); rerun to resume")
     job_args(p)
+    p.add_argument("more_jobs", nargs="*", metavar="JOB", help="more job specs, run in turn after the first")
     p.add_argument("--replicas", help="override resources.replicas (a number or 'all')")
     p.add_argument("--retry-failed", action="store_true", help="also rerun rows whose committed status is failed")
     p.add_argument("--no-progress", action="store_true")
@@ -133,6 +148,13 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--to", help="write to this file/URI instead of printing")
             p.add_argument("--limit", type=int, default=None, help="table: at most this many rows")
         p.set_defaults(func=func)
+
+    p = sub.add_parser("compare", help="identity metrics of several outputs side by side, joined by id")
+    p.add_argument("outputs", nargs="+", help="job or score outputs (e.g. a Lynx job and its still baseline)")
+    p.add_argument("--storage-option", action="append", help="fsspec option key=value (repeatable)")
+    p.add_argument("--to", help="also write the per-id table (csv or parquet, by extension)")
+    p.add_argument("--limit", type=int, default=20, help="per-id rows to print")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("score", help="score videos made anywhere against their portraits (resumable)")
     p.add_argument("manifest", help="Parquet with id, portrait, video columns")

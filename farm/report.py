@@ -103,3 +103,49 @@ def export_results(
         storage.write_bytes_atomic(to, buf.getvalue(), storage_options)
         return f"wrote {table.num_rows} records to {to}"
     return buf.getvalue().decode()
+
+
+def _label(outputs: list[str]) -> list[str]:
+    """Short, unique column labels for outputs: their last path segment, else their position."""
+    names = [o.rstrip("/").rsplit("/", 1)[-1] or f"out{i}" for i, o in enumerate(outputs)]
+    return names if len(set(names)) == len(names) else [f"{i}:{n}" for i, n in enumerate(names)]
+
+
+def compare_outputs(
+    outputs: list[str], storage_options: dict[str, Any] | None, to: str | None = None, limit: int = 20
+) -> str:
+    """Per-output summary (ok rows, mean identity, face rate) and a per-id table of ``identity_mean`` side by side.
+
+    The typical use: a Lynx job and the ``still`` baseline over the same manifest; the baseline is the ceiling the
+    metric reaches after compression, so ``lynx / still`` reads as the share of the reachable identity kept.
+    """
+    labels = _label(outputs)
+    cols = ["status", "identity_mean", "identity_distance_mean", "face_rate"]
+    tables = {lab: read_results(OutputLayout(out, storage_options), cols) for lab, out in zip(labels, outputs)}
+    lines = [f"{'output':<24} {'records':>8} {'ok':>6} {'identity_mean':>14} {'face_rate':>10}"]
+    for lab, t in tables.items():
+        ok = t.filter(pc.equal(t.column("status"), "ok"))
+        mean = pc.mean(ok.column("identity_mean")).as_py() if ok.num_rows else None
+        rate = pc.mean(ok.column("face_rate")).as_py() if ok.num_rows else None
+        lines.append(f"{lab:<24} {t.num_rows:>8} {ok.num_rows:>6} {_fmt(mean):>14} {_fmt(rate):>10}")
+    joined = None
+    for lab, t in tables.items():
+        part = t.select(["id", "identity_mean"]).rename_columns(["id", lab])
+        joined = part if joined is None else joined.join(part, "id", join_type="full outer")
+    joined = joined.sort_by("id")
+    if len(labels) >= 2:
+        first, last = labels[0], labels[-1]
+        ratio = pc.divide(joined.column(first), joined.column(last))
+        joined = joined.append_column(f"{first}/{last}", ratio)
+        lines.append(f"mean {first}/{last} over ids scored in both: {_fmt(pc.mean(ratio).as_py())}")
+    if to:
+        buf = io.BytesIO()
+        (pq.write_table if to.endswith(".parquet") else pacsv.write_csv)(joined, buf)
+        storage.write_bytes_atomic(to, buf.getvalue(), storage_options)
+        lines.append(f"wrote {joined.num_rows} rows to {to}")
+    shown = joined.slice(0, limit).to_pandas().to_string(index=False, na_rep="-") if joined.num_rows else ""
+    return "\n".join(lines + (["", shown] if shown else []))
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"

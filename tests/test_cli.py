@@ -150,3 +150,29 @@ def test_status_and_exports_survive_nested_and_extreme_values(tmp_path: Path,
     assert main(["results", layout.root, "--format", "jsonl"]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
     assert lines[0]["tags"] == ["x", "y"] and lines[0]["far"] is not None and lines[1]["far"] is None
+
+
+def test_compare_joins_outputs_by_id(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import datetime as dt
+
+    from farm.results import result_schema, write_part
+
+    now = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+    lynx, still = OutputLayout(str(tmp_path / "lynx")), OutputLayout(str(tmp_path / "still"))
+    write_part(lynx, "r", 0, [
+        {"id": "a", "status": "ok", "identity_mean": 0.6, "face_rate": 1.0, "committed_at": now},
+        {"id": "b", "status": "ok", "identity_mean": None, "face_rate": 0.0, "committed_at": now},
+        {"id": "c", "status": "failed", "error_code": "no_face", "committed_at": now},
+    ], result_schema())
+    write_part(still, "r", 0, [
+        {"id": "a", "status": "ok", "identity_mean": 0.8, "face_rate": 1.0, "committed_at": now},
+        {"id": "b", "status": "ok", "identity_mean": 0.9, "face_rate": 1.0, "committed_at": now},
+    ], result_schema())
+    target = tmp_path / "cmp.csv"
+    assert main(["compare", lynx.root, still.root, "--to", str(target)]) == 0
+    out = capsys.readouterr().out
+    assert "mean lynx/still over ids scored in both: 0.7500" in out
+    summary = {line.split()[0]: line.split()[1:] for line in out.splitlines()[1:3]}
+    assert summary["lynx"] == ["3", "2", "0.6000", "0.5000"] and summary["still"] == ["2", "2", "0.8500", "1.0000"]
+    rows = target.read_text().splitlines()
+    assert rows[0] == '"id","lynx","still","lynx/still"' and len(rows) == 4

@@ -202,3 +202,25 @@ def test_replicas_that_cannot_be_placed_abort_with_the_resource_ask(tmp_path: Pa
                     resources={"replicas": 1, "cpus_per_replica": 64}, runtime={"start_timeout_s": 3})
     with pytest.raises(JobAborted, match="64 CPU"):
         run_job(job, progress=False)
+
+
+def test_cli_sweep_runs_jobs_in_turn(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import yaml
+
+    from farm.cli import main
+
+    manifest = write_manifest(tmp_path / "m.parquet", rows(2))
+    specs = []
+    for name in ("a", "b"):
+        spec = tmp_path / f"{name}.yaml"
+        spec.write_text(yaml.safe_dump({
+            "manifest": manifest, "output": str(tmp_path / name), "model": {"backend": "still"},
+            "defaults": {"num_frames": 5, "height": 32, "width": 32}, "identity": {"enabled": False},
+            "resources": {"replicas": 1, **FAST},
+        }))
+        specs.append(str(spec))
+    with pytest.raises(SystemExit, match="sweep"):
+        main(["run", *specs, "--output", str(tmp_path / "x")])
+    assert main(["run", *specs, "--no-progress"]) == 0
+    for name in ("a", "b"):
+        assert len(_records(str(tmp_path / name))) == 2
