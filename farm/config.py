@@ -101,6 +101,11 @@ class Identity(_Strict):
     frames: int = Field(default=16, ge=1, le=1024, description="Frames sampled uniformly per video")
     strict: bool = Field(default=False, description="Fail portraits with several faces (multiple_faces)")
     min_face_size: int = Field(default=32, ge=0, description="Smallest portrait face side in pixels (face_too_small)")
+    options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Recognizer options: dlib upsample (1 finds ~40 px faces, ~4x slower), min_score, num_jitters; "
+        "insightface det_size, det_thresh, threads",
+    )
 
     @model_validator(mode="after")
     def _pack(self) -> Identity:

@@ -59,3 +59,10 @@ def test_bad_image_is_a_row_error_and_portrait_work_is_cached(processor: RowProc
     for row in rows(3, portrait=ASTRONAUT):
         assert processor.process(_task(processor, row))["status"] == "ok"
     assert prepared["n"] == 1
+
+
+def test_identity_options_reach_the_recognizer(tmp_path: Path) -> None:
+    job = still_job(write_manifest(tmp_path / "m.parquet", rows(1)), str(tmp_path / "out"),
+                    identity={"enabled": True, "recognizer": "dlib", "options": {"upsample": 1, "min_score": 0.3}})
+    processor = RowProcessor(job)
+    assert processor.recognizer.detector.upsample == 1 and processor.recognizer.detector.min_score == 0.3
