@@ -39,29 +39,27 @@ CASES = {
 }
 
 
-def official_frames(tmp_path: Path, variant: str, job: dict, embedding: np.ndarray, face: np.ndarray) -> np.ndarray:
-    inputs = tmp_path / "inputs.npz"
-    np.savez(inputs, embedding=embedding, face=face, job=json.dumps(job))
-    out = tmp_path / "official.npy"
-    script = Path(__file__).with_name("lynx_fidelity_official.py")
+def run_official(*args: str, timeout: int = 300, cwd: Path | None = None) -> None:
+    """Run the official-side harness in the official venv with ``args``; fail with its stderr tail."""
     cmd = [
         os.environ["LYNX_OFFICIAL_PYTHON"],
-        str(script),
+        str(Path(__file__).with_name("lynx_fidelity_official.py")),
         "--official-dir",
         os.environ["LYNX_OFFICIAL_DIR"],
         "--stub-dir",
         os.environ["LYNX_FLASH_STUB"],
-        "--checkpoint",
-        str(tiny_checkpoint()),
-        "--variant",
-        variant,
-        "--inputs",
-        str(inputs),
-        "--out",
-        str(out),
+        *args,
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def official_frames(tmp_path: Path, variant: str, job: dict, embedding: np.ndarray, face: np.ndarray) -> np.ndarray:
+    inputs = tmp_path / "inputs.npz"
+    np.savez(inputs, embedding=embedding, face=face, job=json.dumps(job))
+    out = tmp_path / "official.npy"
+    run_official("--checkpoint", str(tiny_checkpoint()), "--variant", variant, "--inputs", str(inputs),
+                 "--out", str(out), timeout=600, cwd=tmp_path)
     return np.load(out)
 
 
@@ -114,22 +112,7 @@ def test_reference_face_alignment_matches_the_official(tmp_path: Path) -> None:
     inputs = tmp_path / "align.npz"
     np.savez(inputs, image=image, kps=kps)
     out = tmp_path / "official_face.npy"
-    script = Path(__file__).with_name("lynx_fidelity_official.py")
-    cmd = [
-        os.environ["LYNX_OFFICIAL_PYTHON"],
-        str(script),
-        "--official-dir",
-        os.environ["LYNX_OFFICIAL_DIR"],
-        "--stub-dir",
-        os.environ["LYNX_FLASH_STUB"],
-        "--align",
-        "--inputs",
-        str(inputs),
-        "--out",
-        str(out),
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_official("--align", "--inputs", str(inputs), "--out", str(out))
     theirs = np.load(out)
     ours = reference_crop(image, kps)
     assert ours.shape == theirs.shape == (256, 256, 3)
@@ -149,20 +132,7 @@ def test_full_size_keys_and_shapes_match_the_official_loaders(tmp_path: Path) ->
     from tests.models.lynx_helpers import WAN14B
 
     out = tmp_path / "shapes.json"
-    script = Path(__file__).with_name("lynx_fidelity_official.py")
-    cmd = [
-        os.environ["LYNX_OFFICIAL_PYTHON"],
-        str(script),
-        "--official-dir",
-        os.environ["LYNX_OFFICIAL_DIR"],
-        "--stub-dir",
-        os.environ["LYNX_FLASH_STUB"],
-        "--dump-shapes",
-        "--out",
-        str(out),
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_official("--dump-shapes", "--out", str(out))
     official = json.loads(out.read_text())
     for variant in ("full", "lite"):
         with torch.device("meta"):
