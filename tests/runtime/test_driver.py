@@ -213,11 +213,8 @@ def test_cli_sweep_runs_jobs_in_turn(tmp_path: Path, capsys: pytest.CaptureFixtu
     specs = []
     for name in ("a", "b"):
         spec = tmp_path / f"{name}.yaml"
-        spec.write_text(yaml.safe_dump({
-            "manifest": manifest, "output": str(tmp_path / name), "model": {"backend": "still"},
-            "defaults": {"num_frames": 5, "height": 32, "width": 32}, "identity": {"enabled": False},
-            "resources": {"replicas": 1, **FAST},
-        }))
+        job = still_job(manifest, str(tmp_path / name), resources={"replicas": 1, **FAST})
+        spec.write_text(yaml.safe_dump(job.model_dump(mode="json")))
         specs.append(str(spec))
     with pytest.raises(SystemExit, match="sweep"):
         main(["run", *specs, "--output", str(tmp_path / "x")])

@@ -15,25 +15,19 @@ import yaml
 
 from farm.results import read_results
 from farm.storage import OutputLayout
-from tests.helpers import rows, write_manifest
+from tests.helpers import rows, still_job, write_manifest
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
 
 def _spec(tmp_path: Path, manifest: str, out: str, delay: float) -> Path:
-    spec = {
-        "name": "resume",
-        "manifest": manifest,
-        "output": out,
-        "model": {"backend": "still"},
-        "defaults": {"num_frames": 5, "height": 32, "width": 32, "fps": 8},
-        "identity": {"enabled": False},
-        "resources": {"replicas": 2, "cpus_per_replica": 0.25},
-        "runtime": {"commit_every_rows": 2, "commit_every_s": 0.5,
-                    "inject_faults": {"delay": {f"row-{i:03d}": delay for i in range(40)}}},
-    }
+    job = still_job(
+        manifest, out, name="resume",
+        resources={"replicas": 2, "cpus_per_replica": 0.25},
+        runtime={"commit_every_rows": 2, "inject_faults": {"delay": {f"row-{i:03d}": delay for i in range(40)}}},
+    )
     path = tmp_path / "job.yaml"
-    path.write_text(yaml.safe_dump(spec))
+    path.write_text(yaml.safe_dump(job.model_dump(mode="json")))
     return path
 
 
