@@ -7,13 +7,13 @@ euclidean distance is the calibrated measure (same person below 0.6), so ``repor
 
 from __future__ import annotations
 
-import importlib.util
 import threading
 from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 
+from farm import storage
 from farm.identity.faces import (
     Face,
     FaceDetector,
@@ -42,15 +42,13 @@ def _dlib():
 
 
 def model_path(filename: str) -> Path:
-    """Path of one weight file inside the installed ``face-recognition-models`` package."""
-    spec = importlib.util.find_spec(MODELS_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"{MODELS_PACKAGE} is not installed: pip install face-recognition-models")
-    for location in spec.submodule_search_locations:
-        candidate = Path(location) / "models" / filename
-        if candidate.is_file():
-            return candidate
-    raise FileNotFoundError(f"{filename} is missing from the installed {MODELS_PACKAGE} package; reinstall it")
+    """Path of one weight file inside the installed ``face-recognition-models`` package (found, not imported)."""
+    try:
+        return Path(storage.resolve_pkg_uri(f"{storage.PKG_SCHEME}{MODELS_PACKAGE}/models/{filename}"))
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(
+            f"dlib weight file {filename} is missing ({exc}); pip install (or reinstall) face-recognition-models"
+        ) from None
 
 
 def _rectangle(bbox: np.ndarray):
