@@ -47,3 +47,7 @@ class RowError(Exception):
         super().__init__(f"{code.value}: {message}")
         self.code = code
         self.message = message
+
+
+class InfraError(Exception):
+    """A fault of the machine or the network, not of the row (e.g. out of memory, a storage timeout): retried."""

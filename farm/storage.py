@@ -20,6 +20,8 @@ import fsspec
 import numpy as np
 from fsspec.core import url_to_fs
 
+from farm.records import ErrorCode, InfraError, RowError
+
 PKG_SCHEME = "pkg://"
 
 
@@ -112,6 +114,23 @@ def decode_image(data: bytes) -> np.ndarray:
     with Image.open(io.BytesIO(data)) as img:
         img = ImageOps.exif_transpose(img)
         return np.asarray(img.convert("RGB"))
+
+
+def read_portrait(uri: str, storage_options: dict[str, Any] | None = None) -> np.ndarray:
+    """A portrait for a row: ``RowError`` when the row points at nothing usable (missing, not an image),
+    ``InfraError`` when fetching failed for reasons of the network or the store (worth a retry, never cached)."""
+    if not uri:
+        raise RowError(ErrorCode.MISSING_PORTRAIT, "the row has no portrait; give an image URI")
+    try:
+        data = read_bytes(uri, storage_options)
+    except (FileNotFoundError, IsADirectoryError, PermissionError, ValueError) as exc:
+        raise RowError(ErrorCode.PORTRAIT_UNREADABLE, f"portrait {uri!r} cannot be read: {exc}") from None
+    except OSError as exc:
+        raise InfraError(f"fetching portrait {uri!r} failed: {type(exc).__name__}: {exc}") from exc
+    try:
+        return decode_image(data)
+    except Exception as exc:  # noqa: BLE001 - whatever PIL raises, the bytes are not a usable image
+        raise RowError(ErrorCode.PORTRAIT_UNREADABLE, f"portrait {uri!r} is not a readable image: {exc}") from None
 
 
 def read_image(uri: str, storage_options: dict[str, Any] | None = None) -> np.ndarray:

@@ -27,15 +27,11 @@ from farm.config import JobSpec
 from farm.models import build_backend
 from farm.models.base import Backend, GenerationRequest
 from farm.params import SamplingParams
-from farm.records import ErrorCode, RowError, Status
+from farm.records import ErrorCode, InfraError, RowError, Status
 from farm.storage import OutputLayout
 from farm.video import decode_video, encode_mp4
 
 AI_NOTICE = "AI-generated video"
-
-
-class InfraError(Exception):
-    """A fault of the machine, not of the row (e.g. accelerator out of memory): the row is retried elsewhere."""
 
 
 def _is_infra(exc: BaseException) -> bool:
@@ -105,16 +101,7 @@ class RowProcessor:
 
     # ------------------------------------------------------------------ stages
     def _load_portrait(self, uri: str) -> Portrait:
-        try:
-            data = storage.read_bytes(uri, self.job.storage_options)
-        except (FileNotFoundError, IsADirectoryError, PermissionError, ValueError) as exc:
-            raise RowError(ErrorCode.PORTRAIT_UNREADABLE, f"portrait {uri!r} cannot be read: {exc}") from None
-        except OSError as exc:  # network/storage faults are not the row's fault: retried, never cached
-            raise InfraError(f"fetching portrait {uri!r} failed: {type(exc).__name__}: {exc}") from exc
-        try:
-            image = storage.decode_image(data)
-        except Exception as exc:  # noqa: BLE001 - whatever PIL raises, the bytes are not a usable image
-            raise RowError(ErrorCode.PORTRAIT_UNREADABLE, f"portrait {uri!r} is not a readable image: {exc}") from None
+        image = storage.read_portrait(uri, self.job.storage_options)  # InfraError is retried and never cached
         embedding = None
         if self.recognizer is not None:
             ident = self.job.identity

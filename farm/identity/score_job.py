@@ -80,14 +80,7 @@ def load_video_frames(
 def _portrait_embedding(
     recognizer: Recognizer, uri: str, storage_options: dict[str, Any] | None, strict: bool, min_face_size: float
 ) -> np.ndarray:
-    if not uri:
-        raise RowError(ErrorCode.MISSING_PORTRAIT, "the row has no portrait; give an image URI")
-    try:
-        image = storage.read_image(uri, storage_options)
-    except FileNotFoundError as exc:
-        raise RowError(ErrorCode.PORTRAIT_UNREADABLE, f"portrait {uri!r} not found: {exc}") from None
-    except OSError as exc:
-        raise RowError(ErrorCode.PORTRAIT_UNREADABLE, f"portrait {uri!r} is not a readable image: {exc}") from None
+    image = storage.read_portrait(uri, storage_options)  # an InfraError propagates: no false failed record
     return recognizer.portrait_embedding(image, strict=strict, min_face_size=min_face_size)
 
 
