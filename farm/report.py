@@ -17,17 +17,10 @@ from farm.results import read_results
 from farm.storage import OutputLayout
 
 
-def _job_json(layout: OutputLayout) -> dict[str, Any]:
-    try:
-        return json.loads(storage.read_bytes(layout.job_json, layout.storage_options))
-    except FileNotFoundError:
-        return {}
-
-
 def status_text(output: str, storage_options: dict[str, Any] | None = None) -> str:
     layout = OutputLayout(output, storage_options)
     table = read_results(layout, ["status", "error_code", "generate_s", "total_s", "committed_at"])
-    meta = _job_json(layout)
+    meta = layout.read_json(layout.job_json)
     lines = [f"output: {output}"]
     if meta:
         model = meta.get("model", {})

@@ -173,6 +173,13 @@ class OutputLayout:
     def result_parts(self) -> list[str]:
         return list_files(self.results_dir, ".parquet", self.storage_options)
 
+    def read_json(self, uri: str) -> dict[str, Any]:
+        """A JSON file under this output ({} when it does not exist yet or is not JSON)."""
+        try:
+            return json.loads(read_bytes(uri, self.storage_options))
+        except (FileNotFoundError, ValueError):
+            return {}
+
     def write_json(self, uri: str, payload: dict[str, Any]) -> None:
         data = json.dumps(payload, indent=2, sort_keys=True, default=str).encode()
         write_bytes_atomic(uri, data, self.storage_options)

@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import signal
+import threading
 import time
 from collections import Counter, deque
 from collections.abc import Iterator
@@ -491,15 +492,7 @@ class Driver:
         return busy / span if span > 0 else None
 
     def _write_job_json(self, status: str, summary: RunSummary | None = None) -> None:
-        from farm import storage
-
-        previous: dict[str, Any] = {}
-        try:
-            import json
-
-            previous = json.loads(storage.read_bytes(self.layout.job_json, self.job.storage_options))
-        except (FileNotFoundError, ValueError):
-            previous = {}
+        previous = self.layout.read_json(self.layout.job_json)
         runs = [r for r in previous.get("runs", []) if r.get("run_id") != self.run_id]
         runs.append({"run_id": self.run_id, "status": status, "updated_at": _utcnow().isoformat(),
                      **(summary.as_dict() if summary else {})})
@@ -520,8 +513,6 @@ class Driver:
 
 
 def _in_main_thread() -> bool:
-    import threading
-
     return threading.current_thread() is threading.main_thread()
 
 
