@@ -11,6 +11,7 @@ import re
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any
 
 import pyarrow as pa
@@ -261,6 +262,42 @@ def record_key(raw_id: Any, index: int) -> str:
     Valid ids cannot contain ``<``, so a placeholder never collides with a real id, nor with another bad row.
     """
     return raw_id if isinstance(raw_id, str) and ID_PATTERN.fullmatch(raw_id) else f"<row {index}>"
+
+
+class RowState(str, Enum):
+    COMMITTED = "committed"  # its id already has a committed record: nothing to do
+    REPEAT = "repeat"  # a later row of a duplicated id: that id's one record is made for its first row
+    TODO = "todo"  # needs a record: work, or (with an error) a failed record
+
+
+def plan_rows(manifest: Manifest, done: set[str]) -> Iterator[tuple[RowState, str, dict[str, Any], RowError | None]]:
+    """Every manifest row once, with the id its record is filed under and an id-level error, if any.
+
+    One pass over the ``id`` column first finds duplicated ids; each gets exactly one ``duplicate_id`` record.
+    Rows whose id is missing or invalid get ``bad_id`` (filed under ``<row N>``). Shared by ``farm run`` and
+    ``farm score`` so both keep the one-record-per-id rule the same way.
+    """
+    duplicates = manifest.duplicate_ids()
+    reported: set[str] = set()
+    for index, row in enumerate(manifest.rows()):
+        key = record_key(row.get("id"), index)
+        if key in done:
+            yield RowState.COMMITTED, key, row, None
+            continue
+        if key in duplicates:
+            if key in reported:
+                yield RowState.REPEAT, key, row, None
+                continue
+            reported.add(key)
+            yield RowState.TODO, key, row, RowError(ErrorCode.DUPLICATE_ID, f"id {key!r} occurs more than once")
+            continue
+        error = None
+        if key != row.get("id"):
+            try:
+                check_id(row.get("id"))
+            except RowError as exc:
+                error = exc
+        yield RowState.TODO, key, row, error
 
 
 def check_id(value: Any) -> str:

@@ -16,8 +16,8 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from farm import results
-from farm.manifest import Manifest, record_key
-from farm.records import ErrorCode, Status
+from farm.manifest import Manifest, RowState, plan_rows
+from farm.records import Status
 from farm.storage import OutputLayout
 
 SCORE_COLUMNS = ("id", "portrait", "video")
@@ -63,7 +63,6 @@ def score_manifest(
     schema = results.result_schema(pa.schema([manifest.schema.field(c) for c in extra]))
     writer = results.ResultWriter(layout, schema, every_rows=64, every_s=10.0)
     done = results.committed_ids(layout)
-    duplicates = manifest.duplicate_ids()
     counts: Counter[str] = Counter()
     model = f"score:{recognizer}"
 
@@ -77,22 +76,15 @@ def score_manifest(
 
     def pending() -> Iterator[tuple[dict[str, Any], ...]]:
         chunk: list[dict[str, Any]] = []
-        seen_dups: set[str] = set()
-        for index, row in enumerate(manifest.rows()):
-            row_id = record_key(row.get("id"), index)
-            if row_id in done or row_id in seen_dups:
-                counts["already_committed" if row_id in done else "duplicate_rows"] += 1
+        for state, key, row, error in plan_rows(manifest, done):
+            if state is not RowState.TODO:
+                counts["already_committed" if state is RowState.COMMITTED else "duplicate_rows"] += 1
                 bar.update(1)
                 continue
-            problem = None
-            if row_id in duplicates:
-                seen_dups.add(row_id)
-                problem = (ErrorCode.DUPLICATE_ID, f"id {row_id!r} occurs more than once")
-            elif row_id != row.get("id"):
-                problem = (ErrorCode.BAD_ID, f"id {row.get('id')!r} must match [A-Za-z0-9._-]{{1,128}}")
-            if problem:
-                commit(row, {"id": row_id, "status": Status.FAILED.value, "error_code": problem[0].value,
-                             "error_message": problem[1], "portrait": row.get("portrait"), "video": row.get("video")})
+            if error is not None:
+                commit(row, {"id": key, "status": Status.FAILED.value, "error_code": error.code.value,
+                             "error_message": error.message, "portrait": row.get("portrait"),
+                             "video": row.get("video")})
                 continue
             chunk.append(row)
             if len(chunk) == CHUNK_ROWS:

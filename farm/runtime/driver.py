@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from farm import __version__, results
 from farm.config import JobSpec
-from farm.manifest import Manifest, ManifestError, RowDefaults, record_key, resolve_row
+from farm.manifest import Manifest, ManifestError, RowDefaults, RowState, plan_rows, resolve_row
 from farm.models import build_backend
 from farm.models.base import GenerationRequest
 from farm.records import ErrorCode, RowError, Status
@@ -164,26 +164,17 @@ class Driver:
 
     # ------------------------------------------------------------------ rows
     def _row_stream(self, manifest: Manifest, defaults: RowDefaults, done: set[str]) -> Iterator[Task]:
-        duplicates = manifest.duplicate_ids()
-        reported_dups: set[str] = set()
-        for index, row in enumerate(manifest.rows()):
-            raw_id = row.get("id")
-            row_id = record_key(raw_id, index)
-            if row_id in done:
-                self.already_committed += 1
+        for state, key, row, error in plan_rows(manifest, done):
+            if state is not RowState.TODO:
+                self.already_committed += state is RowState.COMMITTED
                 self._tick()
                 continue
-            if row_id in duplicates:
-                if row_id not in reported_dups:
-                    reported_dups.add(row_id)
-                    self._record_failure(row, None, ErrorCode.DUPLICATE_ID, f"id {row_id!r} occurs more than once")
-                else:
-                    self._tick()
-                continue
+            row = {**row, "id": key}
             try:
+                if error is not None:
+                    raise error
                 request = resolve_row(row, defaults)
             except RowError as exc:
-                row = {**row, "id": row_id}
                 status = Status.SKIPPED if exc.code == ErrorCode.RIGHTS_NOT_CONFIRMED else Status.FAILED
                 self._record_failure(row, None, exc.code, exc.message, status=status)
                 continue
