@@ -142,7 +142,8 @@ def read_image(uri: str, storage_options: dict[str, Any] | None = None) -> np.nd
 class OutputLayout:
     """Where a job's outputs live (documented in README):
 
-    ``<root>/videos/<id>.mp4``, ``<root>/results/part-<run>-<seq>.parquet``, ``<root>/_job.json``.
+    ``<root>/videos/<id>.mp4``, ``<root>/results/part-<run>-<seq>.parquet``, ``<root>/_job.json``,
+    ``<root>/_lease.json`` (which run writes this output now; see ``farm.lease``).
     """
 
     root: str
@@ -169,6 +170,10 @@ class OutputLayout:
     @property
     def job_json(self) -> str:
         return join(self.root, "_job.json")
+
+    @property
+    def lease(self) -> str:
+        return join(self.root, "_lease.json")
 
     def result_parts(self) -> list[str]:
         return list_files(self.results_dir, ".parquet", self.storage_options)
