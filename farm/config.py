@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -80,7 +82,14 @@ class Resources(_Strict):
     gpus_per_replica: float = Field(default=1.0, ge=0, description="GPUs pinned per replica (0 = CPU replicas)")
     cpus_per_replica: float = Field(default=1.0, gt=0, description="CPUs reserved per replica actor")
     replicas: int | Literal["all"] = Field(
-        default="all", description="Number of replicas, or 'all' = every GPU in the cluster / gpus_per_replica"
+        default="all",
+        description="Target number of replicas, or 'all' = every GPU the cluster has or its autoscaler can scale to, "
+        "/ gpus_per_replica (README: 'Elastic clusters'). Replicas that cannot be placed yet wait for room",
+    )
+    allow_cpu: bool = Field(
+        default=False,
+        description="On a cluster without GPUs, run replicas on CPU instead of waiting for GPU nodes (always allowed "
+        "on the embedded local Ray that the farm starts itself)",
     )
     in_flight_per_replica: int = Field(
         default=3, ge=1, le=64, description="Rows queued per replica so prep/encode overlap generation"
@@ -125,7 +134,20 @@ class Runtime(_Strict):
     check_portraits: bool = Field(default=False, description="`farm validate`: also open every portrait")
     max_replica_restarts: int = Field(default=50, ge=0, description="Give up after this many replica deaths")
     start_timeout_s: float = Field(
-        default=1800.0, gt=0, description="Abort if no replica has started (loaded its model) after this long"
+        default=1800.0, gt=0, description="Abort if no replica is ready (placed and loaded) for this long"
+    )
+    node_loss_grace_s: float = Field(
+        default=120.0, gt=0,
+        description="How long an unreachable replica is probed before it counts as lost with its node",
+    )
+    max_failed_fraction: float = Field(
+        default=0.5, ge=0, le=1,
+        description="farm run exits 4 (Ray Jobs: FAILED) when more than this fraction of the rows this run "
+        "recorded failed (skipped rows do not count)",
+    )
+    lease_ttl_s: float = Field(
+        default=120.0, ge=5,
+        description="The output lease: a run that stops renewing it for this long can be taken over by another",
     )
     inject_faults: dict[Literal["crash", "hang", "oom", "delay"], dict[str, float]] = Field(
         default_factory=dict,
@@ -141,6 +163,11 @@ class JobSpec(_Strict):
     name: str = "job"
     manifest: str = Field(description="Parquet file, directory or glob; local path or fsspec URI")
     output: str = Field(description="Output root; local path or fsspec URI")
+    output_shared: bool = Field(
+        default=False,
+        description="A local-path output is on storage every node sees (NFS, a shared volume); required for a "
+        "local output on a cluster of several nodes",
+    )
     storage_options: dict[str, Any] = Field(
         default_factory=dict, description="fsspec options for remote URIs (e.g. {endpoint_url: ...} for S3)"
     )
@@ -175,8 +202,10 @@ def parse_job(data: dict[str, Any], source: str = "<dict>") -> JobSpec:
 def load_job(path: str | Path, overrides: dict[str, Any] | None = None) -> JobSpec:
     """Read a YAML job spec; ``overrides`` (from CLI flags) replace top-level/nested keys before validation.
 
-    Relative ``manifest``/``output``/weight paths are resolved against the current directory, as a user typing a
-    command expects.
+    Relative local paths (``manifest``, ``output``, ``model.weights``, ``identity.pack``) are made absolute against
+    the current directory when the spec is loaded, so replicas on any node (whose own working directory differs) read
+    and write the same files. Under ``ray job submit --working-dir`` the current directory is Ray's temporary copy,
+    deleted after the job: a relative ``output`` is refused there.
     """
     text = Path(path).read_text()
     try:
@@ -193,7 +222,46 @@ def load_job(path: str | Path, overrides: dict[str, Any] | None = None) -> JobSp
         for key in parents:
             node = node.setdefault(key, {})
         node[leaf] = value
+    _absolute_paths(data, str(path))
     return parse_job(data, str(path))
+
+
+RAY_JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+
+def ray_job_working_dir() -> str | None:
+    """The ``--working-dir`` of the Ray Job this process is the entrypoint of, if any."""
+    raw = os.environ.get(RAY_JOB_CONFIG_ENV)
+    if not raw:
+        return None
+    try:
+        return (json.loads(raw).get("runtime_env") or {}).get("working_dir") or None
+    except (ValueError, AttributeError):
+        return None
+
+
+def _is_relative_local(value: Any) -> bool:
+    return isinstance(value, str) and bool(value) and "://" not in value and not os.path.isabs(value)
+
+
+def _absolute_paths(data: dict[str, Any], source: str) -> None:
+    """Relative local paths -> absolute (see ``load_job``); refuse an output that would vanish with Ray's copy."""
+    if _is_relative_local(data.get("output")) and ray_job_working_dir():
+        raise SpecError(
+            f"invalid job spec {source}: output {data['output']!r} is a relative path, and this `farm run` runs "
+            f"inside the Ray Job's temporary copy of --working-dir ({os.getcwd()}), which Ray deletes after the job. "
+            "Give an object-store URI (s3://bucket/out) or an absolute path on storage every node sees "
+            "(with output_shared: true), in the spec or with --output"
+        )
+    for key in ("manifest", "output"):
+        if _is_relative_local(data.get(key)):
+            data[key] = os.path.abspath(data[key])
+    model = data.get("model")
+    if isinstance(model, dict) and isinstance(model.get("weights"), dict):
+        model["weights"] = {k: os.path.abspath(v) if _is_relative_local(v) else v for k, v in model["weights"].items()}
+    identity = data.get("identity")
+    if isinstance(identity, dict) and _is_relative_local(identity.get("pack")):
+        identity["pack"] = os.path.abspath(identity["pack"])
 
 
 def job_schema() -> dict[str, Any]:

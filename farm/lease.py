@@ -6,7 +6,8 @@ is one small JSON object, ``<out>/_lease.json`` (``OutputLayout.lease``)::
     {"run_id", "host", "pid", "acquired_at", "renewed_at", "expires_at", "ttl_s", "token"}
 
 Times are Unix seconds. The holder renews it every ``renew_every_s``, pushing ``expires_at`` to ``now + ttl_s``; a lease
-whose ``expires_at`` has passed is stale (its run died or hung) and the next run takes it over.
+whose ``expires_at`` has passed is stale (its run died or hung) and the next run takes it over. A lease whose holder
+ran on this host and whose process is gone (a killed driver, rerun on the same machine) is stale at once.
 
 How each change is made atomic (compare-and-swap on the whole object, the ``token`` says whose it is):
 
@@ -92,6 +93,21 @@ class _Unsupported(Exception):
 
 def _iso(ts: float) -> str:
     return dt.datetime.fromtimestamp(ts, dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _holder_died_here(holder: dict[str, Any]) -> bool:
+    """The holder ran on this host and its process is gone (a killed driver): no need to wait for expiry."""
+    if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
+        return False
+    if holder["pid"] == os.getpid():
+        return False
+    try:
+        os.kill(holder["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # exists but not ours to signal
+        return False
+    return False
 
 
 def describe_holder(record: dict[str, Any], now: float | None = None) -> str:
@@ -413,7 +429,7 @@ class OutputLease:
                 try:
                     if current is None:
                         self._store.create(data)
-                    elif current[0]["expires_at"] <= now:
+                    elif current[0]["expires_at"] <= now or _holder_died_here(current[0]):
                         log.warning(
                             "taking over the stale lease on %s: %s", self.layout.root, describe_holder(current[0], now)
                         )

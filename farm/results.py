@@ -12,7 +12,7 @@ import io
 import logging
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import pyarrow as pa
@@ -205,8 +205,17 @@ def new_run_id() -> str:
 class ResultWriter:
     """Buffers records and commits them as Parquet parts every ``every_rows`` records or ``every_s`` seconds."""
 
-    def __init__(self, layout: OutputLayout, schema: pa.Schema, every_rows: int = 256, every_s: float = 15.0) -> None:
+    def __init__(
+        self,
+        layout: OutputLayout,
+        schema: pa.Schema,
+        every_rows: int = 256,
+        every_s: float = 15.0,
+        guard: Callable[[], None] | None = None,
+    ) -> None:
+        """``guard`` runs before every commit and may raise to stop it (the driver passes its output lease check)."""
         self.layout = layout
+        self.guard = guard
         self.schema = schema
         self.every_rows = every_rows
         self.every_s = every_s
@@ -232,6 +241,8 @@ class ResultWriter:
         self.last_flush = time.monotonic()
         if not self.buffer:
             return
+        if self.guard is not None:
+            self.guard()
         now = dt.datetime.now(dt.timezone.utc)
         for rec in self.buffer:
             rec["committed_at"] = now

@@ -317,3 +317,21 @@ def test_lease_module_stays_below_the_runtime() -> None:
     code = "import sys, farm.lease; print(' '.join(sorted(m.split('.')[0] for m in sys.modules)))"
     loaded = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout.split()
     assert "ray" not in loaded and "torch" not in loaded
+
+
+def test_a_lease_of_a_dead_process_on_this_host_is_taken_over_at_once(tmp_path) -> None:
+    """A driver killed with SIGKILL and rerun on the same machine does not wait out the ttl."""
+    import subprocess
+    import sys
+
+    from farm.lease import OutputLease
+
+    out = str(tmp_path / "out")
+    code = (f"from farm.lease import OutputLease; OutputLease({out!r}, run_id='dead', ttl_s=600).acquire(); "
+            "import os; os._exit(0)")
+    subprocess.run([sys.executable, "-c", code], check=True)
+    holder = OutputLease(out, run_id="probe").read()
+    assert holder["run_id"] == "dead" and holder["expires_at"] > holder["acquired_at"] + 500
+    lease = OutputLease(out, run_id="next", ttl_s=600).acquire()
+    assert lease.read()["run_id"] == "next"
+    lease.release()

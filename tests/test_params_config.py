@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import math
+import os
 import re
 from pathlib import Path
 
@@ -71,7 +72,8 @@ def test_load_job_with_cli_overrides(tmp_path: Path) -> None:
     spec = tmp_path / "job.yaml"
     spec.write_text("manifest: a.parquet\noutput: out\nmodel: {backend: still}\nresources: {replicas: 2}\n")
     job = load_job(spec, {"manifest": "b.parquet", "output": None, "resources.replicas": 3})
-    assert (job.manifest, job.output, job.resources.replicas) == ("b.parquet", "out", 3)
+    assert (job.manifest, job.output, job.resources.replicas) == (os.path.abspath("b.parquet"),
+                                                                   os.path.abspath("out"), 3)
     spec.write_text("- not a mapping\n")
     with pytest.raises(SpecError, match="expected a mapping"):
         load_job(spec)
@@ -85,3 +87,38 @@ def test_shipped_job_specs_are_valid() -> None:
     assert jobs, "jobs/ has example specs"
     for path in jobs:
         load_job(path)
+
+
+def test_relative_local_paths_are_made_absolute_against_the_command_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Replicas run in other working directories (other nodes): the spec must carry absolute paths."""
+    spec = tmp_path / "spec" / "job.yaml"
+    spec.parent.mkdir()
+    spec.write_text(
+        "manifest: m.parquet\noutput: ./out\nmodel: {backend: lynx, weights: {base: w/base, adapter: s3://b/a, "
+        "face_pack: pkg://insightface/x}}\nidentity: {recognizer: insightface, pack: ../packs/p}\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    job = load_job(spec)
+    assert job.manifest == str(tmp_path / "m.parquet") and job.output == str(tmp_path / "out")
+    assert job.model.weights == {"base": str(tmp_path / "w" / "base"), "adapter": "s3://b/a",
+                                 "face_pack": "pkg://insightface/x"}
+    assert job.identity.pack == str(tmp_path.parent / "packs" / "p")
+
+
+def test_relative_output_inside_a_ray_job_working_dir_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+
+    spec = tmp_path / "job.yaml"
+    spec.write_text("manifest: m.parquet\noutput: farm-out/x\nmodel: {backend: still}\n")
+    monkeypatch.chdir(tmp_path)
+    config = {"runtime_env": {"working_dir": "gcs://_ray_pkg_abc.zip"}, "metadata": {}}
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(config))
+    with pytest.raises(SpecError, match="farm-out/x.*temporary copy.*s3://"):
+        load_job(spec)
+    assert load_job(spec, {"output": "/shared/out"}).output == "/shared/out"
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": {}}))
+    assert load_job(spec).output == str(tmp_path / "farm-out" / "x")  # a Ray Job without --working-dir

@@ -1,73 +1,42 @@
-"""The driver: stream the manifest, keep every replica fed, retry infrastructure faults, commit records.
+"""The driver: wires the manifest stream, the scheduler and the replica pool together, and commits records.
 
-Scheduling: each ready replica holds up to ``in_flight_per_replica`` rows (so its CPU stages overlap the model);
-rows come from a retry queue first, then the manifest stream. A replica that dies (or exceeds a row's deadline and is
-killed) makes its in-flight rows *suspects*: a suspect is re-run alone on a fresh replica, so the next death is
-unambiguous and is charged to that row; a row charged ``max_attempts`` times is recorded ``failed/poison`` (or
-``failed/timeout``). Exceptions that a replica reports as infrastructure faults (e.g. CUDA OOM) are charged to the
-row and retried on another replica.
+``scheduler`` decides which row runs where and what a failure costs a row (pure rules); ``pool`` keeps the Ray
+replicas placed as the cluster grows and shrinks and says why one was lost; this module turns their answers into
+committed records, holds the output lease, shows progress and writes ``_job.json``.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
-import math
 import os
 import signal
 import threading
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import ray
 from tqdm import tqdm
 
 from farm import __version__, results
-from farm.config import JobSpec
+from farm.config import JobSpec, SpecError
+from farm.lease import LeaseLost, OutputLease
 from farm.manifest import Manifest, ManifestError, RowDefaults, RowState, plan_rows, resolve_row
 from farm.models import build_backend
 from farm.models.base import GenerationRequest
 from farm.records import ErrorCode, RowError, Status
+from farm.runtime import cluster
 from farm.runtime.errors import JobAborted
-from farm.runtime.replica import RemoteReplica
-from farm.storage import OutputLayout
+from farm.runtime.pool import Ask, Done, Dropped, Lost, Paused, Ready, ReplicaPool
+from farm.runtime.scheduler import Final, Loss, Scheduler, Task
+from farm.storage import OutputLayout, is_local
 from farm.worker import backend_defaults
 
 log = logging.getLogger("farm")
-
-
-@dataclass
-class Task:
-    row: dict[str, Any]
-    request: GenerationRequest
-    dispatches: int = 0
-    charged: int = 0  # faults attributed to this row
-    suspect: bool = False
-    avoid: int | None = None  # replica slot that last failed it
-    last_fault: tuple[ErrorCode, str] | None = None
-    first_dispatch: float | None = None
-
-
-@dataclass
-class Slot:
-    index: int
-    actor: Any = None
-    info_ref: Any = None
-    info: dict[str, Any] | None = None
-    inflight: dict[Any, tuple[Task, float]] = field(default_factory=dict)
-    solo: bool = False
-    reserved: bool = False
-    generation: int = 0
-    started_at: float = 0.0
-
-    @property
-    def name(self) -> str:
-        return f"replica-{self.index}" + (f".{self.generation}" if self.generation else "")
 
 
 @dataclass
@@ -96,16 +65,6 @@ class RunSummary:
         }
 
 
-def ensure_ray(address: str | None = None) -> None:
-    """Join ``address`` (or ``RAY_ADDRESS``) if given, else start/attach a local Ray."""
-    if ray.is_initialized():
-        return
-    ray.init(
-        address=address or os.environ.get("RAY_ADDRESS") or None,
-        include_dashboard=False,
-        logging_level=logging.WARNING,
-        log_to_driver=True,
-    )
 
 
 def _utcnow() -> dt.datetime:
@@ -115,52 +74,57 @@ def _utcnow() -> dt.datetime:
 class Driver:
     """Runs one job to completion (or until interrupted); rerunning the same job resumes it."""
 
-    def __init__(self, job: JobSpec, progress: bool = True, retry_failed: bool = False) -> None:
+    RECONCILE_EVERY_S = 5.0
+
+    def __init__(
+        self, job: JobSpec, progress: bool = True, retry_failed: bool = False, address: str | None = None
+    ) -> None:
         self.job = job
         self.progress = progress
         self.retry_failed = retry_failed
+        self.address = address
         self.layout = OutputLayout(job.output, job.storage_options)
         self.counts: Counter[str] = Counter()
-        self.retry_queue: deque[Task] = deque()
-        self.slots: list[Slot] = []
-        self.restarts = 0
         self.init_failures = 0
+        self.ever_ready = False
         self.fingerprint: str | None = None
         self.model_name: str = ""
         self.bar: tqdm | None = None
         self.started = time.monotonic()
         self.run_id = ""
         self.first_dispatch_s: float | None = None
+        self.already_committed = 0
+        self.pool: ReplicaPool | None = None
+        self.scheduler: Scheduler | None = None
+        self._last_reconcile = -1e9
+        self._last_state = ""
 
     # ------------------------------------------------------------------ setup
-    def _resources(self) -> tuple[int, float, float]:
-        """(replicas, gpus per replica, cpus per replica) on this cluster."""
+    def _ask(self, embedded: bool) -> Ask:
+        """What each replica asks of Ray; GPU asks fall back to CPU only on the embedded cluster or when allowed."""
         res = self.job.resources
-        backend = build_backend(self.job.model_spec())
-        need = backend.resources(res.gpus_per_replica)
-        cluster_gpus = float(ray.cluster_resources().get("GPU", 0))
-        gpus = need.gpus
-        if gpus > 0 and cluster_gpus == 0:
-            log.warning("no GPU in the Ray cluster: replicas run on CPU")
-            gpus = 0.0
+        need = build_backend(self.job.model_spec()).resources(res.gpus_per_replica)
         cpus = min(res.cpus_per_replica, need.cpus) if need.cpus < 1 else res.cpus_per_replica
-        if res.replicas == "all":
-            replicas = max(1, math.floor(cluster_gpus / gpus)) if gpus > 0 else 1
-        else:
-            replicas = int(res.replicas)
-        return replicas, gpus, cpus
+        gpus = need.gpus
+        if gpus > 0 and cluster.resources_now()["GPU"] == 0:
+            if embedded or res.allow_cpu:
+                why = "the local cluster the farm started" if embedded else "resources.allow_cpu"
+                log.warning("no GPU in the Ray cluster: replicas run on CPU (%s)", why)
+                gpus = 0.0
+            else:
+                log.warning("the Ray cluster has no GPU yet: replicas wait for GPU nodes (the autoscaler is asked); "
+                            "set resources.allow_cpu: true to run on CPU instead")
+        return Ask(gpus=gpus, cpus=cpus)
 
-    def _start_slot(self, slot: Slot) -> None:
-        replicas_opts = {"num_gpus": self._gpus, "num_cpus": self._cpus}
-        slot.actor = RemoteReplica.options(
-            max_concurrency=self.job.resources.in_flight_per_replica + 2, max_restarts=0, **replicas_opts
-        ).remote(self.job, slot.name)
-        slot.info_ref = slot.actor.info.remote()
-        slot.info = None
-        slot.started_at = time.monotonic()
-        slot.inflight = {}
-        slot.solo = False
-        slot.reserved = False
+    def _check_output_reachable(self, embedded: bool) -> None:
+        """A local-path output on several nodes would scatter videos across their disks: refuse unless shared."""
+        if embedded or self.job.output_shared or not is_local(self.job.output) or not cluster.is_multi_node():
+            return
+        raise SpecError(
+            f"output {self.job.output!r} is a local path, and this Ray cluster has (or can scale to) several nodes: "
+            "each replica would write its videos to its own node's disk. Use an object-store URI (s3://bucket/out), "
+            "or set output_shared: true if the path is on storage every node mounts (NFS, a shared volume)"
+        )
 
     # ------------------------------------------------------------------ rows
     def _row_stream(self, manifest: Manifest, defaults: RowDefaults, done: set[str]) -> Iterator[Task]:
@@ -201,10 +165,8 @@ class Driver:
         code: ErrorCode,
         message: str,
         status: Status = Status.FAILED,
-        extra: dict[str, Any] | None = None,
     ) -> None:
         rec = self._base_record(row, task.request if task else None)
-        rec.update(extra or {})
         rec.update(status=status.value, error_code=code.value, error_message=message, video=None)
         rec["attempts"] = task.dispatches if task else 0
         self._commit(rec)
@@ -218,85 +180,39 @@ class Driver:
         self._tick()
         self.writer.add(record)
 
+    def _commit_finals(self, finals: list[Final]) -> None:
+        for final in finals:
+            self._record_failure(final.task.row, final.task, final.code, final.message)
+
     def _tick(self) -> None:
         if self.bar is None:
             return
         self.bar.update(1)
+        self._postfix()
+
+    def _postfix(self) -> None:
+        if self.bar is None:
+            return
+        replicas = f"{len(self.pool.ready)}/{self.pool.target}" if self.pool else "-"
         self.bar.set_postfix(
             ok=self.counts[Status.OK.value], failed=self.counts[Status.FAILED.value],
-            skipped=self.counts[Status.SKIPPED.value], refresh=False,
+            skipped=self.counts[Status.SKIPPED.value], replicas=replicas, refresh=False,
         )
 
-    # ------------------------------------------------------------------ scheduling
-    def _next_task(self, slot: Slot, stream: Iterator[Task]) -> Task | None:
-        for i, task in enumerate(self.retry_queue):
-            if task.suspect:
-                continue
-            if task.avoid != slot.index or len(self.slots) == 1:
-                del self.retry_queue[i]
-                return task
-        if self._stream_open:
-            try:
-                return next(stream)
-            except StopIteration:
-                self._stream_open = False
-        for i, task in enumerate(self.retry_queue):  # only avoided ones left: take them rather than idle
-            if not task.suspect:
-                del self.retry_queue[i]
-                return task
-        return None
+    def _payload(self, task: Task) -> dict[str, Any]:
+        portrait = task.row["portrait"]
+        if isinstance(portrait, str) and is_local(portrait) and "://" not in portrait and not os.path.isabs(portrait):
+            portrait = os.path.abspath(portrait)  # replicas run in other working directories (other nodes)
+        return {"request": task.request, "portrait": portrait, "dispatched_at": time.time(),
+                "dispatch": task.dispatches}
 
-    def _dispatch(self, slot: Slot, task: Task) -> None:
-        now = time.time()
-        ahead = len(slot.inflight)
-        deadline = time.monotonic() + self.job.runtime.row_timeout_s * (1 + ahead)
-        task.dispatches += 1
-        task.first_dispatch = task.first_dispatch or now
-        if self.first_dispatch_s is None:
-            self.first_dispatch_s = time.monotonic() - self.started
-        payload = {
-            "request": task.request, "portrait": task.row["portrait"], "dispatched_at": now,
-            "dispatch": task.dispatches,
-        }
-        ref = slot.actor.process.remote(payload)
-        slot.inflight[ref] = (task, deadline)
-
-    def _fill(self, stream: Iterator[Task]) -> None:
-        cap = self.job.resources.in_flight_per_replica
-        ready = [s for s in self.slots if s.info is not None]
-        suspects = [t for t in self.retry_queue if t.suspect]
-        if suspects and ready and not any(s.reserved or s.solo for s in ready):
-            min(ready, key=lambda s: len(s.inflight)).reserved = True
-        for slot in sorted(ready, key=lambda s: len(s.inflight)):
-            if slot.solo:
-                continue
-            if slot.reserved:
-                if slot.inflight:
-                    continue
-                suspect = next((t for t in self.retry_queue if t.suspect), None)
-                slot.reserved = False
-                if suspect is not None:
-                    self.retry_queue.remove(suspect)
-                    slot.solo = True
-                    self._dispatch(slot, suspect)
-                    continue
-            while len(slot.inflight) < cap:
-                task = self._next_task(slot, stream)
-                if task is None:
-                    return
-                self._dispatch(slot, task)
-
-    def _handle_result(self, slot: Slot, task: Task, rec: dict[str, Any]) -> None:
-        slot.solo = False
+    # ------------------------------------------------------------------ events
+    def _handle_result(self, key: str, task: Task, rec: dict[str, Any]) -> None:
         if rec.get("retry"):
-            task.charged += 1
-            task.avoid = slot.index
             code = ErrorCode(rec["error_code"])
-            task.last_fault = (code, rec.get("error_message", ""))
-            log.warning("row %s: %s on %s (attempt %d)", task.request.id, rec.get("error_message"), slot.name,
-                        task.dispatches)
-            if task.charged < self.job.runtime.max_attempts:
-                self.retry_queue.append(task)
+            message = rec.get("error_message", "")
+            log.warning("row %s: %s on %s (attempt %d)", task.id, message, key, task.dispatches)
+            if self.scheduler.row_fault(key, task, code, message):
                 return
         out = self._base_record(task.row, task.request)
         out.update(rec)
@@ -305,72 +221,64 @@ class Driver:
             out["video"] = None
         self._commit(out)
 
-    def _handle_death(self, slot: Slot, reason: ErrorCode, message: str) -> None:
-        tasks = [t for t, _ in slot.inflight.values()]
-        charged_alone = len(tasks) == 1
-        log.warning("%s lost (%s): %s; %d row(s) in flight", slot.name, reason.value, message, len(tasks))
-        for task in tasks:
-            if charged_alone:
-                task.charged += 1
-                task.last_fault = (reason, message)
-                task.avoid = slot.index
-            if task.charged >= self.job.runtime.max_attempts:
-                code = ErrorCode.TIMEOUT if reason == ErrorCode.TIMEOUT else ErrorCode.POISON
-                self._record_failure(
-                    task.row, task, code,
-                    f"row was running when its replica was lost {task.charged} times; last: {message}",
-                )
-                continue
-            task.suspect = not charged_alone or task.charged > 0
-            self.retry_queue.appendleft(task)
-        try:
-            ray.kill(slot.actor, no_restart=True)
-        except Exception:  # noqa: BLE001 - already gone
-            pass
-        self.restarts += 1
-        if self.restarts > self.job.runtime.max_replica_restarts:
-            raise JobAborted(f"replicas were lost {self.restarts} times (max_replica_restarts); last: {message}")
-        slot.generation += 1
-        self._start_slot(slot)
+    def _on_ready(self, event: Ready) -> None:
+        self.scheduler.add_replica(event.key)
+        self.ever_ready = True
+        self.fingerprint = self.fingerprint or event.info.get("fingerprint")
+        self.model_name = event.info.get("model", self.model_name)
+        log.info("%s ready on %s (%s)", event.key, event.info.get("node"), self.pool.waiting_for())
+
+    def _on_lost(self, event: Lost) -> None:
+        in_flight = len(self.scheduler.inflight(event.key))
+        log.warning("%s lost (%s): %s; %d row(s) in flight", event.key, event.loss.value, event.message, in_flight)
+        self._commit_finals(self.scheduler.remove_replica(event.key, event.loss, event.message))
+        if event.loss is Loss.NODE_LOST:
+            return
+        if not event.started:
+            self.init_failures += 1
+            if (not self.ever_ready and self.init_failures >= 2) or \
+                    self.init_failures > self.job.runtime.max_replica_restarts:
+                raise JobAborted(f"replicas cannot load the model ({self.init_failures} failed starts): "
+                                 f"{event.message}")
+        elif self.scheduler.crashes > self.job.runtime.max_replica_restarts:
+            raise JobAborted(f"replicas were lost {self.scheduler.crashes} times (max_replica_restarts); "
+                             f"last: {event.message}")
+
+    def _on_event(self, event: Any) -> None:
+        if isinstance(event, Done):
+            self._handle_result(event.key, self.scheduler.completed(event.key, event.ticket), event.record)
+        elif isinstance(event, Ready):
+            self._on_ready(event)
+        elif isinstance(event, Lost):
+            self._on_lost(event)
+        elif isinstance(event, Paused):
+            self.scheduler.pause(event.key)
+        elif isinstance(event, Dropped):
+            self.scheduler.requeue(self.scheduler.completed(event.key, event.ticket))
+            self.scheduler.resume(event.key)
+
+    def _kill_late(self) -> None:
+        for key, task in self.scheduler.late_replicas():
+            self.pool.kill(key)
+            self._on_lost(Lost(key, Loss.TIMEOUT,
+                               f"row {task.id} exceeded row_timeout_s={self.job.runtime.row_timeout_s:g}", True))
 
     def _check_start_timeout(self) -> None:
-        """No replica ever started (e.g. more GPUs asked for than the cluster has, and no autoscaler): stop."""
-        if any(s.info is not None for s in self.slots):
+        """No replica ready for runtime.start_timeout_s (none placeable, none loads): stop with the ask."""
+        since = self.pool.no_ready_since
+        if self.pool.ready or not since or time.monotonic() - since <= self.job.runtime.start_timeout_s:
             return
-        waited = time.monotonic() - min(s.started_at for s in self.slots)
-        if waited > self.job.runtime.start_timeout_s:
-            ask = f"{self._gpus:g} GPU(s) and {self._cpus:g} CPU(s) per replica"
-            have = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
-            raise JobAborted(
-                f"no replica started within runtime.start_timeout_s={self.job.runtime.start_timeout_s:g}s "
-                f"(each asks for {ask}; the cluster has {have}); lower resources.replicas or add nodes"
-            )
+        raise JobAborted(
+            f"no replica was ready for runtime.start_timeout_s={self.job.runtime.start_timeout_s:g}s: "
+            f"{self.pool.waiting_for()}; lower resources.replicas or gpus_per_replica, or add nodes"
+        )
 
-    def _check_deadlines(self) -> None:
-        now = time.monotonic()
-        for slot in self.slots:
-            late = [t for t, deadline in slot.inflight.values() if deadline < now]
-            if late:
-                self._handle_death(
-                    slot, ErrorCode.TIMEOUT,
-                    f"row {late[0].request.id} exceeded row_timeout_s={self.job.runtime.row_timeout_s}",
-                )
-
-    def _on_info(self, slot: Slot) -> None:
-        try:
-            slot.info = ray.get(slot.info_ref)
-        except Exception as exc:  # noqa: BLE001 - RayActorError, or an exception Ray could not deserialize
-            self.init_failures += 1
-            never_ready = not any(s.info for s in self.slots) and self.restarts == 0
-            if (never_ready and self.init_failures >= 2) or self.init_failures > self.job.runtime.max_replica_restarts:
-                raise JobAborted(f"replicas cannot load the model ({self.init_failures} failed starts): {exc}") \
-                    from None
-            log.warning("%s failed to start: %s", slot.name, exc)
-            slot.generation += 1
-            self._start_slot(slot)
-            return
-        self.fingerprint = self.fingerprint or slot.info.get("fingerprint")
-        self.model_name = slot.info.get("model", self.model_name)
+    def _report_state(self) -> None:
+        state = self.pool.waiting_for()
+        if state != self._last_state:
+            self._last_state = state
+            log.info("%s", state)
+        self._postfix()
 
     # ------------------------------------------------------------------ main
     def run(self) -> RunSummary:
@@ -382,105 +290,85 @@ class Driver:
         self.extra_columns = manifest.extra_columns
         schema = results.result_schema(pa.schema([manifest.schema.field(c) for c in self.extra_columns]))
         self.writer = results.ResultWriter(
-            self.layout, schema, job.runtime.commit_every_rows, job.runtime.commit_every_s
+            self.layout, schema, job.runtime.commit_every_rows, job.runtime.commit_every_s,
+            guard=lambda: self.lease.check(),
         )
         self.run_id = self.writer.run_id
+        self.lease = OutputLease(self.layout, job.storage_options, run_id=self.run_id, ttl_s=job.runtime.lease_ttl_s,
+                                 renew_every_s=job.runtime.lease_ttl_s / 4)
         self.model_name = build_backend(job.model_spec()).describe()
+        embedded = cluster.connect(self.address)
+        self._check_output_reachable(embedded)
+        self.lease.acquire()
+        self.lease.start_renewing()
         done = results.committed_ids(self.layout)
         if self.retry_failed:
             merged = results.read_results(self.layout, ["status"])
             done = set(merged.filter(pc.equal(merged.column("status"), Status.OK.value)).column("id").to_pylist())
-        self.already_committed = 0
 
-        ensure_ray()
-        n, self._gpus, self._cpus = self._resources()
-        self.slots = [Slot(index=i) for i in range(n)]
-        for slot in self.slots:
-            self._start_slot(slot)
+        self.pool = ReplicaPool(job, self._ask(embedded), job.resources.replicas, self.run_id, embedded)
+        self.scheduler = Scheduler(
+            self._row_stream(manifest, defaults, done), cap=job.resources.in_flight_per_replica,
+            max_attempts=job.runtime.max_attempts, row_timeout_s=job.runtime.row_timeout_s, clock=time.monotonic,
+        )
+        self.pool.reconcile()
         self._write_job_json(status="running")
         self.bar = tqdm(total=manifest.num_rows, unit="row", disable=not self.progress, mininterval=0.5,
                         dynamic_ncols=True)
-        stream = self._row_stream(manifest, defaults, done)
-        self._stream_open = True
         previous = signal.getsignal(signal.SIGTERM)
         if previous is not None and _in_main_thread():
             signal.signal(signal.SIGTERM, _raise_interrupt)
         status = "interrupted"
         try:
-            self._loop(stream)
+            self._loop()
             status = "finished"
-        except (JobAborted, ManifestError):
+        except (JobAborted, ManifestError, LeaseLost):
             status = "aborted"
             raise
         finally:
-            self.writer.flush()
-            busy = self._busy_fraction()
-            for slot in self.slots:
-                try:
-                    ray.kill(slot.actor, no_restart=True)
-                except Exception:  # noqa: BLE001
-                    pass
-            if self.bar is not None:
-                self.bar.close()
-            summary = RunSummary(
-                run_id=self.run_id, counts=self.counts, rows_seen=manifest.num_rows,
-                already_committed=self.already_committed, elapsed_s=time.monotonic() - start,
-                replicas=len(self.slots), replica_restarts=self.restarts, busy_fraction=busy,
-                first_dispatch_s=self.first_dispatch_s,
-            )
-            self._write_job_json(status=status, summary=summary)
+            summary = self._finish(status, manifest.num_rows, start)
             if previous is not None and _in_main_thread():
                 signal.signal(signal.SIGTERM, previous)
         return summary
 
-    def _loop(self, stream: Iterator[Task]) -> None:
-        while True:
-            self._fill(stream)
-            inflight = {ref: slot for slot in self.slots for ref in slot.inflight}
-            pending_info = {s.info_ref: s for s in self.slots if s.info is None}
-            if not inflight and not self._stream_open and not self.retry_queue:
-                return
-            refs = list(inflight) + list(pending_info)
-            if not refs:
-                raise JobAborted("no replica is running and rows remain")
-            self._check_start_timeout()
-            wait_s = min(1.0, self.writer.due_in())
-            ready, _ = ray.wait(refs, num_returns=1, timeout=wait_s)
-            if ready:
-                ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
-            for ref in ready:
-                if ref in pending_info:
-                    self._on_info(pending_info[ref])
-                    continue
-                slot = inflight[ref]
-                if ref not in slot.inflight:  # slot was restarted while handling an earlier ref
-                    continue
-                task, _ = slot.inflight.pop(ref)
-                try:
-                    rec = ray.get(ref)
-                except ray.exceptions.RayActorError as exc:
-                    slot.inflight[ref] = (task, 0.0)
-                    self._handle_death(slot, ErrorCode.POISON, f"{type(exc).__name__}: {str(exc)[:500]}")
-                    continue
-                except Exception as exc:  # noqa: BLE001 - a bug escaped process(): record it, retry elsewhere
-                    rec = {"id": task.request.id, "status": "failed", "error_code": ErrorCode.GENERATION_ERROR.value,
-                           "error_message": str(exc)[:2000], "retry": True}
-                self._handle_result(slot, task, rec)
-            self._check_deadlines()
-            self.writer.flush_if_due()
+    def _finish(self, status: str, rows_seen: int, start: float) -> RunSummary:
+        try:
+            self.writer.flush()
+        except LeaseLost as exc:
+            log.error("buffered records not committed: %s", exc)
+        busy = _busy_fraction(self.pool.stats())
+        self.pool.shutdown()
+        if self.bar is not None:
+            self.bar.close()
+        summary = RunSummary(
+            run_id=self.run_id, counts=self.counts, rows_seen=rows_seen,
+            already_committed=self.already_committed, elapsed_s=time.monotonic() - start,
+            replicas=self.pool.target, replica_restarts=self.scheduler.crashes, busy_fraction=busy,
+            first_dispatch_s=self.first_dispatch_s,
+        )
+        if self.lease.lost is None:
+            self._write_job_json(status=status, summary=summary)
+        self.lease.release()
+        return summary
 
-    def _busy_fraction(self) -> float | None:
-        stats = []
-        for slot in self.slots:
-            if slot.info is None:
-                continue
-            try:
-                stats.append(ray.get(slot.actor.stats.remote(), timeout=10))
-            except Exception:  # noqa: BLE001 - a dead replica has no stats
-                continue
-        busy = sum(s["busy_s"] for s in stats)
-        span = sum(s["span_s"] for s in stats)
-        return busy / span if span > 0 else None
+    def _loop(self) -> None:
+        while True:
+            now = time.monotonic()
+            if now - self._last_reconcile >= self.RECONCILE_EVERY_S:
+                self._last_reconcile = now
+                self.pool.reconcile()
+                self._report_state()
+            for dispatch in self.scheduler.fill():
+                if self.first_dispatch_s is None:
+                    self.first_dispatch_s = time.monotonic() - self.started
+                self.pool.submit(dispatch.replica, dispatch.ticket, self._payload(dispatch.task))
+            if self.scheduler.done:
+                return
+            self._check_start_timeout()
+            for event in self.pool.wait(min(1.0, self.writer.due_in())):
+                self._on_event(event)
+            self._kill_late()
+            self.writer.flush_if_due()
 
     def _write_job_json(self, status: str, summary: RunSummary | None = None) -> None:
         previous = self.layout.read_json(self.layout.job_json)
@@ -497,10 +385,17 @@ class Driver:
                 "description": self.model_name,
                 "fingerprint": self.fingerprint,
             },
-            "replicas": [s.info for s in self.slots if s.info],
+            "replicas": self.pool.infos() if self.pool else [],
             "runs": runs,
         }
+        self.lease.check()
         self.layout.write_json(self.layout.job_json, payload)
+
+
+def _busy_fraction(stats: list[dict[str, float]]) -> float | None:
+    busy = sum(s["busy_s"] for s in stats)
+    span = sum(s["span_s"] for s in stats)
+    return busy / span if span > 0 else None
 
 
 def _in_main_thread() -> bool:
@@ -511,8 +406,10 @@ def _raise_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def run_job(job: JobSpec, progress: bool = True, retry_failed: bool = False) -> RunSummary:
-    return Driver(job, progress=progress, retry_failed=retry_failed).run()
+def run_job(
+    job: JobSpec, progress: bool = True, retry_failed: bool = False, address: str | None = None
+) -> RunSummary:
+    return Driver(job, progress=progress, retry_failed=retry_failed, address=address).run()
 
 
-__all__ = ["Driver", "JobAborted", "RunSummary", "ensure_ray", "run_job"]
+__all__ = ["Driver", "JobAborted", "RunSummary", "run_job"]

@@ -20,13 +20,15 @@ class Replica:
         self.gpu_ids = [str(g) for g in ray.get_gpu_ids()]
         device = "cuda" if self.gpu_ids and _cuda_available() else "cpu"
         self.name = name
-        self.node = f"{socket.gethostname()}:{ray.get_runtime_context().get_node_id()[:8]}"
+        self.node_id = ray.get_runtime_context().get_node_id()
+        self.node = f"{socket.gethostname()}:{self.node_id[:8]}"
         self.processor = RowProcessor(job, replica=name, device=device)
 
     def info(self) -> dict[str, Any]:
         return {
             "replica": self.name,
             "node": self.node,
+            "node_id": self.node_id,
             "gpu_ids": self.gpu_ids,
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
             "pid": os.getpid(),
@@ -40,6 +42,10 @@ class Replica:
         record["node"] = self.node
         record["gpu_ids"] = ",".join(self.gpu_ids)
         return record
+
+    def ping(self) -> str:
+        """Answers while the process lives (the pool probes a replica that stopped answering)."""
+        return self.node_id
 
     def stats(self) -> dict[str, float]:
         return self.processor.stats()

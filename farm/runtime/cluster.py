@@ -1,0 +1,114 @@
+"""The Ray cluster as the farm sees it: joining it, what it has now, what it can scale to, which nodes are alive.
+
+**Joining.** The farm joins an existing cluster only when told to: ``--address`` or ``RAY_ADDRESS`` (Ray Jobs sets
+the latter for the job's entrypoint). Otherwise it starts its own local, *embedded* Ray (``address="local"``), never
+one that happens to run on the machine. Only on the embedded cluster (or with ``resources.allow_cpu``) may a job that
+asks for GPUs fall back to CPU replicas.
+
+**What the cluster can scale to** (for ``resources.replicas: all``), read in this order:
+1. the autoscaler's cluster config that Ray keeps in its GCS (published by autoscaler v2, e.g. KubeRay's);
+2. the cluster launcher's config on the head node, ``~/ray_bootstrap_config.yaml`` (or ``$FARM_AUTOSCALER_CONFIG``):
+   the sum over worker node types of ``max_workers`` x their ``resources.GPU`` (capped by the top-level
+   ``max_workers``), plus the head's;
+3. otherwise the GPUs the cluster has now; the figure is re-read as nodes join, and never goes down during a job.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import ray
+import yaml
+
+log = logging.getLogger("farm")
+
+BOOTSTRAP_CONFIG = "~/ray_bootstrap_config.yaml"
+
+
+def connect(address: str | None = None) -> bool:
+    """Join ``address`` / ``RAY_ADDRESS`` if given, else start an embedded local Ray. True = embedded.
+
+    Already connected (a notebook, a test) counts as joined: the caller chose that cluster.
+    """
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    ray.init(
+        address=address or "local",
+        include_dashboard=False,
+        logging_level=logging.WARNING,
+        log_to_driver=True,
+    )
+    return address is None
+
+
+def resources_now() -> dict[str, float]:
+    """CPU and GPU totals of the nodes alive now."""
+    have = ray.cluster_resources()
+    return {"CPU": float(have.get("CPU", 0)), "GPU": float(have.get("GPU", 0))}
+
+
+def alive_nodes() -> set[str]:
+    return {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+
+
+def max_gpus() -> float | None:
+    """The most GPUs the autoscaler can bring up (see the module docstring), or None where nothing says."""
+    try:
+        from ray._private.state import state
+
+        published = state.get_max_resources_from_cluster_config()
+    except Exception:  # noqa: BLE001 - a private API: any failure means "not published"
+        published = None
+    if published and published.get("GPU"):
+        return float(published["GPU"])
+    path = Path(os.path.expanduser(os.environ.get("FARM_AUTOSCALER_CONFIG", BOOTSTRAP_CONFIG)))
+    if path.is_file():
+        try:
+            return gpus_in_launcher_config(yaml.safe_load(path.read_text()) or {})
+        except (OSError, yaml.YAMLError, TypeError, ValueError, AttributeError) as exc:
+            log.warning("cannot read the autoscaler config %s (%s): replicas follow the GPUs present", path, exc)
+    return None
+
+
+def gpus_in_launcher_config(config: dict[str, Any]) -> float | None:
+    """GPUs a cluster-launcher config can scale to: worker types' ``max_workers`` x GPU (capped), plus the head."""
+    types = config.get("available_node_types") or {}
+    head = config.get("head_node_type")
+    cap = config.get("max_workers")
+    total = 0.0
+    per_node: list[tuple[float, int]] = []
+    for name, node_type in types.items():
+        gpus = float((node_type.get("resources") or {}).get("GPU", 0))
+        if name == head:
+            total += gpus
+        elif gpus > 0:
+            per_node.append((gpus, int(node_type.get("max_workers", 0))))
+    budget = int(cap) if cap is not None else None
+    for gpus, count in sorted(per_node, reverse=True):  # the largest nodes first: what "can scale to" means
+        take = count if budget is None else min(count, budget)
+        total += gpus * take
+        if budget is not None:
+            budget -= take
+    return total if total > 0 else None
+
+
+def request_bundles(bundles: list[dict[str, float]]) -> None:
+    """Ask the autoscaler for these bundles (replaces the previous ask; ``[]`` withdraws it)."""
+    try:
+        from ray.autoscaler.sdk import request_resources
+
+        request_resources(bundles=bundles)
+    except Exception as exc:  # noqa: BLE001 - no autoscaler API on this cluster: placement still works
+        log.debug("request_resources failed: %s", exc)
+
+
+def is_multi_node() -> bool:
+    """More than one node now, or an autoscaler that can add some."""
+    return len(alive_nodes()) > 1 or bool(max_gpus())
+
+
+__all__ = ["alive_nodes", "connect", "gpus_in_launcher_config", "max_gpus", "request_bundles", "resources_now"]

@@ -1,0 +1,294 @@
+"""The replica pool: Ray actors that each hold one model copy, grown and shrunk with the cluster.
+
+The pool keeps ``target`` replicas alive (placed or waiting for room). A replica waiting for room is an actor that
+Ray has not placed yet: it starts the moment a node with a free GPU joins, and its pending demand (plus an explicit
+``request_resources`` ask) is what makes an autoscaler add nodes. With ``replicas: all`` the target follows what the
+cluster has or can scale to (``cluster.max_gpus``) and never goes down during a job, so replicas lost with their
+nodes are re-placed when capacity returns.
+
+Losses are classified here, from what Ray reports: a replica whose node died or was preempted is ``NODE_LOST`` (not
+the rows' fault); one whose process died on a live node is a ``CRASH``. An unreachable replica
+(``ActorUnavailableError``) is probed until Ray knows which it was, for at most ``node_loss_grace_s``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+
+from farm.config import JobSpec
+from farm.runtime import cluster
+from farm.runtime.replica import RemoteReplica
+from farm.runtime.scheduler import Loss
+
+log = logging.getLogger("farm")
+
+NODE_DEATH_MARKERS = ("its node has died", "node was terminated", "node died", "preempt", "drain")
+
+
+@dataclass(frozen=True)
+class Ask:
+    """What one replica asks of Ray."""
+
+    gpus: float
+    cpus: float
+
+    def bundle(self) -> dict[str, float]:
+        return {k: v for k, v in (("GPU", self.gpus), ("CPU", self.cpus)) if v > 0}
+
+    def describe(self) -> str:
+        return f"{self.gpus:g} GPU(s) and {self.cpus:g} CPU(s)"
+
+
+# ------------------------------------------------------------------ events the driver reads from wait()
+@dataclass(frozen=True)
+class Ready:
+    key: str
+    info: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Done:
+    key: str
+    ticket: int
+    record: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Paused:
+    """The replica stopped answering; it takes no new rows until its fate is known."""
+
+    key: str
+
+
+@dataclass(frozen=True)
+class Dropped:
+    """The replica came back, but this row's result was lost on the way: rerun it, uncharged."""
+
+    key: str
+    ticket: int
+
+
+@dataclass(frozen=True)
+class Lost:
+    key: str
+    loss: Loss
+    message: str
+    started: bool  # had finished loading the model
+
+
+@dataclass
+class _Handle:
+    key: str
+    actor: Any
+    info_ref: Any
+    created_at: float
+    info: dict[str, Any] | None = None
+    refs: dict[Any, int] = field(default_factory=dict)  # in-flight ref -> ticket
+    probe_ref: Any = None
+    probe_deadline: float = 0.0
+    dropped: list[int] = field(default_factory=list)
+
+
+class ReplicaPool:
+    """Places, starts, watches and kills replicas; tells node loss from a crash."""
+
+    def __init__(self, job: JobSpec, ask: Ask, target: int | str, run_id: str, embedded: bool) -> None:
+        self.job = job
+        self.ask = ask
+        self.fixed_target = target if isinstance(target, int) else None
+        self.run_id = run_id
+        self.embedded = embedded
+        self.target = 0
+        self.handles: dict[str, _Handle] = {}
+        self._keys = itertools.count()
+        self._asked: int | None = None
+        self.grace_s = job.runtime.node_loss_grace_s
+        self.no_ready_since = time.monotonic()
+        self.served: list[dict[str, Any]] = []  # every replica that became ready during this run
+
+    # ------------------------------------------------------------------ size
+    def reconcile(self) -> None:
+        """Grow to the target (new actors wait for room); ask the autoscaler for what is missing."""
+        self.target = max(self.target, self._wanted())
+        while len(self.handles) < self.target:
+            self._start()
+        if not self.embedded and self.ask.gpus > 0 and self._asked != self.target:
+            cluster.request_bundles([self.ask.bundle()] * self.target)
+            self._asked = self.target
+
+    def _wanted(self) -> int:
+        if self.fixed_target is not None:
+            return self.fixed_target
+        if self.ask.gpus <= 0:
+            return 1
+        gpus = max(cluster.resources_now()["GPU"], cluster.max_gpus() or 0.0)
+        return max(1, math.floor(gpus / self.ask.gpus + 1e-9))
+
+    def _start(self) -> None:
+        key = f"replica-{next(self._keys)}"
+        actor = RemoteReplica.options(
+            name=f"farm-{self.run_id[:12]}-{key}",
+            max_concurrency=self.job.resources.in_flight_per_replica + 2,
+            max_restarts=0,
+            num_gpus=self.ask.gpus,
+            num_cpus=self.ask.cpus,
+        ).remote(self.job, key)
+        self.handles[key] = _Handle(key, actor, actor.info.remote(), time.monotonic())
+
+    # ------------------------------------------------------------------ rows
+    def submit(self, key: str, ticket: int, payload: dict[str, Any]) -> None:
+        handle = self.handles[key]
+        handle.refs[handle.actor.process.remote(payload)] = ticket
+
+    def kill(self, key: str) -> None:
+        handle = self.handles.pop(key, None)
+        if handle is not None:
+            _kill(handle.actor)
+
+    # ------------------------------------------------------------------ waiting
+    def wait(self, timeout_s: float) -> list[Ready | Done | Paused | Dropped | Lost]:
+        """Block up to ``timeout_s`` for anything to happen; return what did."""
+        owners: dict[Any, _Handle] = {}
+        for handle in self.handles.values():
+            owners.update({ref: handle for ref in handle.refs})
+            if handle.info is None:
+                owners[handle.info_ref] = handle
+            if handle.probe_ref is not None:
+                owners[handle.probe_ref] = handle
+        events: list[Any] = []
+        if owners:
+            ready, _ = ray.wait(list(owners), num_returns=1, timeout=timeout_s)
+            if ready:
+                ready, _ = ray.wait(list(owners), num_returns=len(owners), timeout=0)
+            for ref in ready:
+                handle = owners[ref]
+                if handle.key in self.handles:  # not lost while handling an earlier ref
+                    events.extend(self._on_ready(handle, ref))
+        else:
+            time.sleep(timeout_s)
+        events.extend(self._overdue_probes())
+        return events
+
+    def _on_ready(self, handle: _Handle, ref: Any) -> list[Any]:
+        if ref is handle.probe_ref or ref == handle.probe_ref:
+            return self._on_probe(handle)
+        if ref == handle.info_ref and handle.info is None:
+            return self._on_info(handle)
+        ticket = handle.refs.pop(ref)
+        try:
+            return [Done(handle.key, ticket, ray.get(ref))]
+        except ray.exceptions.RayActorError as exc:
+            return self._on_actor_error(handle, exc, ticket)
+        except Exception as exc:  # noqa: BLE001 - a bug escaped process(): record it and retry elsewhere
+            record = {"status": "failed", "error_code": "generation_error", "error_message": str(exc)[:2000],
+                      "retry": True}
+            return [Done(handle.key, ticket, record)]
+
+    def _on_info(self, handle: _Handle) -> list[Any]:
+        try:
+            handle.info = ray.get(handle.info_ref)
+        except Exception as exc:  # noqa: BLE001 - RayActorError, or an exception Ray could not deserialize
+            return [self._lose(handle, self._classify(handle, exc), _short(exc))]
+        self.no_ready_since = 0.0
+        self.served.append(handle.info)
+        return [Ready(handle.key, handle.info)]
+
+    def _on_actor_error(self, handle: _Handle, exc: Exception, ticket: int) -> list[Any]:
+        if isinstance(exc, ray.exceptions.ActorUnavailableError) and not self._node_dead(handle):
+            handle.dropped.append(ticket)
+            if handle.probe_ref is not None:
+                return []
+            handle.probe_ref = handle.actor.ping.remote()
+            handle.probe_deadline = time.monotonic() + self.grace_s
+            log.warning("%s is not answering (%s); waiting up to %gs to learn whether its node is gone",
+                        handle.key, _short(exc), self.grace_s)
+            return [Paused(handle.key)]
+        return [self._lose(handle, self._classify(handle, exc), _short(exc))]
+
+    def _on_probe(self, handle: _Handle) -> list[Any]:
+        try:
+            ray.get(handle.probe_ref)
+        except Exception as exc:  # noqa: BLE001
+            return [self._lose(handle, self._classify(handle, exc), _short(exc))]
+        log.warning("%s answers again; %d row(s) whose results were lost are rerun", handle.key, len(handle.dropped))
+        dropped = [Dropped(handle.key, t) for t in handle.dropped]
+        handle.probe_ref, handle.dropped = None, []
+        return dropped
+
+    def _overdue_probes(self) -> list[Lost]:
+        now = time.monotonic()
+        overdue = [h for h in self.handles.values() if h.probe_ref is not None and h.probe_deadline < now]
+        return [self._lose(h, Loss.NODE_LOST, f"unreachable for {self.grace_s:g}s") for h in overdue]
+
+    # ------------------------------------------------------------------ losses
+    def _classify(self, handle: _Handle, exc: BaseException) -> Loss:
+        if getattr(exc, "preempted", False) or self._node_dead(handle):
+            return Loss.NODE_LOST
+        text = str(exc).lower()
+        return Loss.NODE_LOST if any(marker in text for marker in NODE_DEATH_MARKERS) else Loss.CRASH
+
+    def _node_dead(self, handle: _Handle) -> bool:
+        node = (handle.info or {}).get("node_id")
+        return bool(node) and node not in cluster.alive_nodes()
+
+    def _lose(self, handle: _Handle, loss: Loss, message: str) -> Lost:
+        self.kill(handle.key)
+        if not any(h.info for h in self.handles.values()) and not self.no_ready_since:
+            self.no_ready_since = time.monotonic()
+        return Lost(handle.key, loss, message, started=handle.info is not None)
+
+    # ------------------------------------------------------------------ views
+    @property
+    def ready(self) -> list[str]:
+        return [k for k, h in self.handles.items() if h.info is not None and h.probe_ref is None]
+
+    def infos(self) -> list[dict[str, Any]]:
+        """Every replica that became ready during this run (lost ones too: where rows ran)."""
+        return list(self.served)
+
+    def waiting_for(self) -> str:
+        """What the pool is waiting for, in words (progress lines and the start-timeout error)."""
+        pending = len(self.handles) - len(self.ready)
+        have = cluster.resources_now()
+        return (f"{len(self.ready)}/{self.target} replicas ready, {pending} loading or waiting for room "
+                f"(each asks for {self.ask.describe()}; the cluster has {have['GPU']:g} GPU, {have['CPU']:g} CPU)")
+
+    def stats(self) -> list[dict[str, float]]:
+        out = []
+        for key in self.ready:
+            try:
+                out.append(ray.get(self.handles[key].actor.stats.remote(), timeout=10))
+            except Exception:  # noqa: BLE001 - a dead replica has no stats
+                continue
+        return out
+
+    def shutdown(self) -> None:
+        for key in list(self.handles):
+            self.kill(key)
+        if self._asked:
+            cluster.request_bundles([])
+
+
+def _kill(actor: Any) -> None:
+    try:
+        ray.kill(actor, no_restart=True)
+    except Exception:  # noqa: BLE001 - already gone
+        pass
+
+
+def _short(exc: BaseException) -> str:
+    """One readable line: a traceback's last line (the error itself) rather than its frames."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if len(lines) > 1:
+        return f"{type(exc).__name__}: {lines[0][:160]} ... {lines[-1][:1000]}"
+    return f"{type(exc).__name__}: {(lines or [''])[0][:1000]}"
+
+
+__all__ = ["Ask", "Done", "Dropped", "Lost", "Paused", "Ready", "ReplicaPool"]
