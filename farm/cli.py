@@ -9,7 +9,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_INVALID, EXIT_USAGE, EXIT_ABORTED, EXIT_ROWS_FAILED, EXIT_OUTPUT_BUSY = 0, 1, 2, 3, 4, 5
+EXIT_INTERRUPTED = 130
 
 
 def _storage_options(pairs: Sequence[str] | None) -> dict[str, Any]:
@@ -44,12 +45,25 @@ def cmd_run(args: argparse.Namespace) -> int:
     if len(paths) > 1 and args.output:
         raise SystemExit("--output overrides one job's output; a sweep writes each job to its own output")
     jobs = [_load(args, path) for path in paths]  # validate every spec before any GPU time
+    code = EXIT_OK
     for path, job in zip(paths, jobs):
         if len(jobs) > 1:
             print(f"== {path}: {job.model.backend} -> {job.output}", file=sys.stderr)
-        summary = run_job(job, progress=not args.no_progress, retry_failed=args.retry_failed)
+        summary = run_job(job, progress=not args.no_progress, retry_failed=args.retry_failed, address=args.address)
         print(json.dumps(summary.as_dict(), indent=2))
-    return EXIT_OK
+        if _too_many_failed(summary.counts, job.runtime.max_failed_fraction, path):
+            code = EXIT_ROWS_FAILED
+    return code
+
+
+def _too_many_failed(counts: dict[str, int], limit: float, path: str) -> bool:
+    """More failed rows than ``runtime.max_failed_fraction`` of those this run recorded (skipped ones aside)."""
+    failed, ok = counts.get("failed", 0), counts.get("ok", 0)
+    if failed == 0 or failed / (failed + ok) <= limit:
+        return False
+    print(f"error: {path}: {failed} of {failed + ok} rows failed this run, more than runtime.max_failed_fraction="
+          f"{limit:g}; see `farm status` for the error codes (exit {EXIT_ROWS_FAILED})", file=sys.stderr)
+    return True
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -128,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("more_jobs", nargs="*", metavar="JOB", help="more job specs, run in turn after the first")
     p.add_argument("--replicas", help="override resources.replicas (a number or 'all')")
     p.add_argument("--retry-failed", action="store_true", help="also rerun rows whose committed status is failed")
+    p.add_argument("--address", help="join this Ray cluster (default: RAY_ADDRESS, else start a local one)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_run)
 
@@ -182,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from farm.config import SpecError
+    from farm.lease import LeaseHeld, LeaseLost
     from farm.manifest import ManifestError
     from farm.runtime.errors import JobAborted
 
@@ -192,12 +208,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (SpecError, ManifestError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except JobAborted as exc:
+    except (JobAborted, LeaseLost) as exc:
         print(f"job aborted: {exc}", file=sys.stderr)
-        return 3
+        return EXIT_ABORTED
+    except LeaseHeld as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_OUTPUT_BUSY
     except KeyboardInterrupt:
         print("interrupted: committed rows are kept; rerun the same command to resume", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -221,3 +223,43 @@ def test_cli_sweep_runs_jobs_in_turn(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert main(["run", *specs, "--no-progress"]) == 0
     for name in ("a", "b"):
         assert len(_records(str(tmp_path / name))) == 2
+
+
+def test_replica_death_at_the_end_of_the_job_still_records_every_row(tmp_path: Path) -> None:
+    """2 replicas; `a` crashes its replica on its first try while `b` keeps the other busy and the stream is empty:
+    the rerun of `a` must still be dispatched (it once aborted with 'no replica is running and rows remain')."""
+    manifest = write_manifest(tmp_path / "m.parquet", [
+        {"id": "a", "portrait": ASTRONAUT, "prompt": "p"}, {"id": "b", "portrait": ASTRONAUT, "prompt": "p"},
+    ])
+    out = str(tmp_path / "out")
+    job = still_job(manifest, out, resources={"replicas": 2, "in_flight_per_replica": 1, **FAST},
+                    runtime={"inject_faults": {"crash": {"a": 1}, "delay": {"b": 6}}})
+    summary = run_job(job, progress=False)
+    recs = _records(out)
+    assert recs["a"]["status"] == "ok" and recs["a"]["attempts"] == 2
+    assert recs["b"]["status"] == "ok" and summary.replica_restarts == 1
+
+
+def test_cli_exit_codes_for_failed_rows_and_a_busy_output(tmp_path: Path) -> None:
+    """Ray Jobs reads the exit code: too many failed rows -> 4 (FAILED); a second run on a leased output -> 5."""
+    import yaml
+
+    from farm.lease import OutputLease
+
+    manifest = write_manifest(tmp_path / "m.parquet", rows(2, portrait=str(tmp_path / "missing.png")))
+    spec = tmp_path / "job.yaml"
+    job = still_job(manifest, str(tmp_path / "out"), resources={"replicas": 1, **FAST})
+    spec.write_text(yaml.safe_dump(job.model_dump(mode="json")))
+    proc = subprocess.run([sys.executable, "-m", "farm.cli", "run", str(spec), "--no-progress"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 4, proc.stderr
+    assert "2 of 2 rows failed" in proc.stderr and "max_failed_fraction=0.5" in proc.stderr
+    holder = OutputLease(str(tmp_path / "other"), run_id="run-elsewhere", ttl_s=300).acquire()
+    try:
+        proc = subprocess.run([sys.executable, "-m", "farm.cli", "run", str(spec), "--no-progress",
+                               "--output", str(tmp_path / "other")], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 5, proc.stderr
+        assert "run-elsewhere" in proc.stderr and holder.host in proc.stderr
+        assert not (tmp_path / "other" / "results").exists(), "the refused run wrote nothing"
+    finally:
+        holder.release()

@@ -1,0 +1,142 @@
+"""The farm on a real multi-node Ray (``ray.cluster_utils.Cluster``, as Ray's own tests use): GPU nodes join and die
+while a job runs. The driver is a real ``farm run`` process that joins the cluster through ``RAY_ADDRESS``, as under
+``ray job submit``; replicas use the ``simulated`` backend (it asks for a GPU like Lynx does).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from farm.results import read_results
+from farm.storage import OutputLayout
+from tests.helpers import rows, write_manifest
+
+# Ray notices a dead node after health_check_period_ms x failure_threshold; shortened so tests do not wait 15 s.
+FAST_HEALTH = {"health_check_period_ms": 500, "health_check_failure_threshold": 4, "health_check_timeout_ms": 500}
+
+
+@pytest.fixture()
+def cluster() -> Iterator[Any]:
+    """A head with no GPU (replicas never land there); tests add GPU nodes."""
+    from ray.cluster_utils import Cluster
+
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0, "_system_config": FAST_HEALTH})
+    yield c
+    c.shutdown()
+
+
+def _spec(tmp_path: Path, n_rows: int, **sections: Any) -> Path:
+    runtime = {"commit_every_rows": 4, "commit_every_s": 0.5, "start_timeout_s": 300, "node_loss_grace_s": 60}
+    data: dict[str, Any] = {
+        "name": "elastic", "manifest": write_manifest(tmp_path / "m.parquet", rows(n_rows)),
+        "output": str(tmp_path / "out"), "output_shared": True,  # one machine: every "node" sees tmp_path
+        "model": {"backend": "simulated", "options": {"gpu_time_s": 0.4}},
+        "identity": {"enabled": False},
+        "resources": {"replicas": "all", "gpus_per_replica": 1, "cpus_per_replica": 0.25, "in_flight_per_replica": 2},
+        "runtime": {**runtime, **sections.pop("runtime", {})},
+        **sections,
+    }
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _farm(spec: Path, address: str) -> subprocess.Popen:
+    env = {**os.environ, "RAY_ADDRESS": address}
+    return subprocess.Popen([sys.executable, "-m", "farm.cli", "run", str(spec), "--no-progress"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def _records(out: Path) -> dict[str, dict[str, Any]]:
+    layout = OutputLayout(str(out))
+    table = read_results(layout)
+    raw = sum(pq.read_metadata(p).num_rows for p in layout.result_parts())
+    ids = table.column("id").to_pylist()
+    assert raw == len(ids) == len(set(ids)), "exactly one record per id"
+    return {r["id"]: r for r in table.to_pylist()}
+
+
+def _wait_for(predicate: Any, proc: subprocess.Popen, timeout_s: float, what: str) -> None:
+    deadline = time.time() + timeout_s
+    while not predicate():
+        assert proc.poll() is None, f"farm run exited early ({proc.returncode}) while waiting for {what}:\n" + \
+            proc.stdout.read()
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def _committed(out: Path) -> int:
+    layout = OutputLayout(str(out))
+    return sum(pq.read_metadata(p).num_rows for p in layout.result_parts())
+
+
+def test_job_waits_for_gpu_nodes_then_uses_nodes_added_mid_job_and_survives_losing_one(
+    cluster: Any, tmp_path: Path
+) -> None:
+    """0 GPUs at start: no CPU replica, the job waits; GPU nodes that join are used; a node killed mid-job (no
+    graceful drain, as a spot preemption) loses no row and charges none."""
+    spec = _spec(tmp_path, 40)
+    proc = _farm(spec, cluster.address)
+    time.sleep(6)  # the driver is up and waiting: nothing may have run without a GPU
+    assert proc.poll() is None and _committed(tmp_path / "out") == 0
+    first = cluster.add_node(num_cpus=1, num_gpus=1)
+    _wait_for(lambda: _committed(tmp_path / "out") >= 4, proc, 120, "rows on the first GPU node")
+    second = cluster.add_node(num_cpus=1, num_gpus=1)
+    joined_at = time.time()
+    _wait_for(lambda: _committed(tmp_path / "out") >= 16, proc, 120, "more rows")
+    cluster.remove_node(first, allow_graceful=False)
+    output = proc.communicate(timeout=240)[0]
+    assert proc.returncode == 0, output
+    recs = _records(tmp_path / "out")
+    assert sorted(recs) == [f"row-{i:03d}" for i in range(40)]
+    assert {r["status"] for r in recs.values()} == {"ok"}, output
+    assert all(r["gpu_ids"] for r in recs.values()), "every row ran on a GPU replica"
+    nodes = {r["node"].split(":")[1] for r in recs.values()}
+    assert {first.node_id[:8], second.node_id[:8]} <= nodes, nodes
+    late = [r for r in recs.values() if r["node"].endswith(second.node_id[:8])]
+    assert late and all(r["committed_at"].timestamp() >= joined_at for r in late)
+    assert "node_lost" in output, "the loss is reported as a node loss, not a crash"
+    assert "poison" not in output
+
+
+@pytest.mark.slow
+def test_a_crash_on_a_row_is_still_charged_on_a_multi_node_cluster(cluster: Any, tmp_path: Path) -> None:
+    """A replica process that dies on a row (its node lives on) is a crash: charged, then poison."""
+    cluster.add_node(num_cpus=1, num_gpus=1)
+    cluster.add_node(num_cpus=1, num_gpus=1)
+    spec = _spec(tmp_path, 8, runtime={"max_attempts": 2, "inject_faults": {"crash": {"row-003": 5}}})
+    proc = _farm(spec, cluster.address)
+    output = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, output
+    recs = _records(tmp_path / "out")
+    assert recs["row-003"]["status"] == "failed" and recs["row-003"]["error_code"] == "poison", recs["row-003"]
+    assert all(r["status"] == "ok" for k, r in recs.items() if k != "row-003")
+
+
+@pytest.mark.slow
+def test_replicas_are_replaced_when_capacity_returns(cluster: Any, tmp_path: Path) -> None:
+    """The only GPU node dies mid-job: rows wait (uncharged) until a new node joins, then finish there."""
+    only = cluster.add_node(num_cpus=1, num_gpus=1)
+    spec = _spec(tmp_path, 24)
+    proc = _farm(spec, cluster.address)
+    _wait_for(lambda: _committed(tmp_path / "out") >= 4, proc, 120, "first rows")
+    cluster.remove_node(only, allow_graceful=False)
+    time.sleep(8)
+    assert proc.poll() is None, "the job waits for capacity instead of aborting"
+    replacement = cluster.add_node(num_cpus=1, num_gpus=1)
+    output = proc.communicate(timeout=240)[0]
+    assert proc.returncode == 0, output
+    recs = _records(tmp_path / "out")
+    assert len(recs) == 24 and {r["status"] for r in recs.values()} == {"ok"}
+    assert any(r["node"].endswith(replacement.node_id[:8]) for r in recs.values())
+    assert all(r["attempts"] <= 2 for r in recs.values())
