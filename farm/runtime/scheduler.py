@@ -109,6 +109,7 @@ class Scheduler:
     def pause(self, key: str) -> None:
         if key in self.replicas:
             self.replicas[key].paused = True
+            self.replicas[key].reserved = False
 
     def resume(self, key: str) -> None:
         if key in self.replicas:
@@ -191,11 +192,17 @@ class Scheduler:
 
     # ------------------------------------------------------------------ filling
     def fill(self) -> list[Dispatch]:
-        """Hand rows to replicas with room; suspects run alone on a reserved (drained) replica."""
+        """Hand rows to replicas with room; suspects run alone on a reserved (drained) replica.
+
+        Two passes: first each replica takes rows it is not asked to avoid; then rows avoided by every replica that
+        had room are taken anyway rather than left idle. One row is read ahead of the stream even with no replica,
+        so a job with nothing left to do ends without waiting for one.
+        """
+        self._look_ahead()
         out: list[Dispatch] = []
         ordered = sorted((r for r in self.replicas.values() if not r.paused), key=lambda r: len(r.inflight))
-        if self._suspects_waiting() and ordered and not any(r.reserved or r.solo for r in ordered):
-            ordered[0].reserved = True
+        self._reserve_for_suspect(ordered)
+        open_slots: list[_Replica] = []
         for replica in ordered:
             if replica.solo:
                 continue
@@ -203,20 +210,49 @@ class Scheduler:
                 if replica.inflight:
                     continue
                 replica.reserved = False
-                suspect = self._pop(lambda t: t.suspect)
+                suspect = self._pop(lambda t, key=replica.key: t.suspect and t.avoid != key) or \
+                    self._pop(lambda t: t.suspect)
                 if suspect is not None:
                     replica.solo = True
                     out.append(self._dispatch(replica, suspect))
                     continue
-            while len(replica.inflight) < self.cap:
-                task = self._next_for(replica)
-                if task is None:
-                    break  # others may still need filling (e.g. a reserved replica further on)
-                out.append(self._dispatch(replica, task))
+            out.extend(self._top_up(replica, self._next_for))
+            open_slots.append(replica)
+        for replica in open_slots:  # only avoided rows left: take them rather than idle
+            out.extend(self._top_up(replica, lambda r: self._pop(lambda t: not t.suspect)))
         return out
 
-    def _suspects_waiting(self) -> bool:
-        return any(t.suspect for t in self.queue)
+    def _top_up(self, replica: _Replica, source: Callable[[_Replica], Task | None]) -> list[Dispatch]:
+        out = []
+        while len(replica.inflight) < self.cap:
+            task = source(replica)
+            if task is None:
+                break  # others may still need filling (e.g. a reserved replica further on)
+            out.append(self._dispatch(replica, task))
+        return out
+
+    def _reserve_for_suspect(self, ordered: list[_Replica]) -> None:
+        """Drain one replica (least loaded, preferably not the one the suspect failed on) to run a suspect alone."""
+        suspect = next((t for t in self.queue if t.suspect), None)
+        if suspect is None or not ordered or any(r.reserved or r.solo for r in ordered):
+            return
+        choice = next((r for r in ordered if r.key != suspect.avoid), ordered[0])
+        choice.reserved = True
+
+    def _look_ahead(self) -> None:
+        if self._stream is not None and not self.queue:
+            task = self._read_stream()
+            if task is not None:
+                self.queue.append(task)
+
+    def _read_stream(self) -> Task | None:
+        if self._stream is None:
+            return None
+        try:
+            return next(self._stream)
+        except StopIteration:
+            self._stream = None
+            return None
 
     def _pop(self, wanted: Callable[[Task], bool]) -> Task | None:
         for i, task in enumerate(self.queue):
@@ -226,22 +262,17 @@ class Scheduler:
         return None
 
     def _next_for(self, replica: _Replica) -> Task | None:
-        alone = len(self.replicas) == 1
+        alone = sum(not r.paused for r in self.replicas.values()) == 1
         task = self._pop(lambda t: not t.suspect and (t.avoid != replica.key or alone))
         if task is not None:
             return task
-        if self._stream is not None:
-            try:
-                return next(self._stream)
-            except StopIteration:
-                self._stream = None
-        return self._pop(lambda t: not t.suspect)  # only avoided rows left: take them rather than idle
+        return self._read_stream()
 
     def _dispatch(self, replica: _Replica, task: Task) -> Dispatch:
         now = self.clock()
         deadline = now + self.row_timeout_s * (1 + len(replica.inflight))
         task.dispatches += 1
-        task.first_dispatch = task.first_dispatch or now
+        task.first_dispatch = now if task.first_dispatch is None else task.first_dispatch
         ticket = next(self._tickets)
         replica.inflight[ticket] = (task, deadline)
         return Dispatch(replica.key, ticket, task)

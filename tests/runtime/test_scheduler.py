@@ -126,7 +126,7 @@ def test_fill_respects_cap_per_replica() -> None:
     assert Counter(d.replica for d in out) == {"a": 2, "b": 2, "c": 2}
     assert sched.busy == 6
     assert sched.fill() == []  # every replica is full
-    assert len(stream.pulled) == 6
+    assert len(stream.pulled) == 7  # six dispatched, one read ahead
     first = out[0]
     sched.completed(first.replica, first.ticket)
     again = sched.fill()
@@ -178,18 +178,28 @@ def test_fill_pulls_stream_lazily() -> None:
     t.fill()
     assert len(stream.pulled) == 4
     t.fill()
-    assert len(stream.pulled) == 4
-    t.complete("row-001")
+    assert len(stream.pulled) == 5  # one row read ahead, never more
     t.fill()
     assert len(stream.pulled) == 5
+    t.complete("row-001")
+    t.fill()
+    assert len(stream.pulled) == 5  # the row read ahead went out
     assert sched.busy == 4
 
 
-def test_no_replica_pulls_nothing() -> None:
+def test_no_replica_reads_one_row_ahead() -> None:
     sched, stream, _ = make(10, replicas=())
     assert sched.fill() == []
-    assert stream.pulled == []
+    assert sched.fill() == []
+    assert len(stream.pulled) == 1
     assert not sched.done
+
+
+def test_a_job_with_nothing_left_ends_without_a_replica() -> None:
+    """A rerun of a finished job on a cluster with no GPU node yet must not wait for one."""
+    sched, stream, _ = make(0, replicas=())
+    assert sched.fill() == []
+    assert sched.done
 
 
 def test_stream_end_is_discovered_by_fill() -> None:
@@ -518,12 +528,6 @@ def test_row_fault_out_of_attempts_returns_false() -> None:
     assert sched.done  # the caller records it
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="scheduler bug: a suspect that row-faults (OOM) goes back to the replica that "
-    "faulted it: the suspect path (reservation of the least-loaded replica + "
-    "_pop(suspect)) ignores Task.avoid, so 'retries it on another replica' fails",
-)
 def test_row_fault_of_a_suspect_retries_on_another_replica() -> None:
     sched, _, _ = make(3, replicas=("a", "b", "c"), cap=1)
     t = Tickets(sched)
@@ -539,12 +543,6 @@ def test_row_fault_of_a_suspect_retries_on_another_replica() -> None:
     assert placed(t.fill()) == [("c", "row-000")]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="scheduler bug: once the stream is drained, _next_for's fallback hands an avoided row back to the "
-    "replica that faulted it when that replica comes first in fill's order, although another replica with a free "
-    "slot is filled in the same pass",
-)
 def test_avoided_row_goes_to_another_replica_with_room_at_the_end() -> None:
     sched, _, _ = make(3, replicas=("a", "b"), cap=2)
     t = Tickets(sched)
