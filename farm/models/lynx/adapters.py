@@ -13,6 +13,10 @@ diffusers' ``WanTransformer3DModel.forward`` passes nothing but hidden states to
 conditioning lives in one ``AdapterState`` shared by all processors of a transformer; the pipeline sets it before
 every forward. Every tensor in it has the same batch size as the latents of that forward (guidance passes are
 stacked along the batch), which is what makes batched guidance exact.
+
+Nothing a processor reads differs from block to block except its weights and its own ``RefSlot`` (an object, never a
+block number): ``torch.compile`` of the repeated blocks then makes one graph per kind of pass (record / read) instead
+of one per block.
 """
 
 from __future__ import annotations
@@ -27,24 +31,49 @@ from torch import nn
 LITE_IP_NORM_EPS = 1e-5
 
 
+class RefSlot:
+    """One block's reference states ``(B, L_ref, dim)``. Its Ref processor owns it, so no processor looks its states
+    up by block number: a Python int per block is a constant dynamo specialises on (a recompile per block)."""
+
+    def __init__(self) -> None:
+        self.states: torch.Tensor | None = None
+
+
 @dataclass
 class AdapterState:
     """Conditioning for the next transformer forward.
 
-    ``ref_mode``: ``"off"`` (no reference), ``"record"`` (fill ``ref_buffer`` from this pass), ``"read"`` (attend to
-    ``ref_buffer``). ``ref_buffer`` maps block index -> ``(B, L_ref, dim)``.
+    ``ref_mode``: ``"off"`` (no reference), ``"record"`` (each Ref processor stores its input in its slot), ``"read"``
+    (each attends to its slot). ``ref_slots`` holds the slots in block order (filled when the adapter is installed);
+    ``recorded``/``load_ref`` move a whole reference buffer, one tensor per block, out of and into them.
     """
 
     ip_tokens: torch.Tensor | None = None
     ip_scale: float = 1.0
     ref_mode: str = "off"
-    ref_buffer: dict[int, torch.Tensor] = field(default_factory=dict)
+    ref_slots: list[RefSlot] = field(default_factory=list)
     ref_scale: float = 1.0
 
     def clear(self) -> None:
         self.ip_tokens = None
         self.ref_mode = "off"
-        self.ref_buffer = {}
+        for slot in self.ref_slots:
+            slot.states = None
+
+    def recorded(self) -> tuple[torch.Tensor, ...]:
+        """The reference buffer a ``record`` pass left in the slots (one tensor per block, in block order)."""
+        missing = [i for i, slot in enumerate(self.ref_slots) if slot.states is None]
+        if missing or not self.ref_slots:
+            raise RuntimeError(f"no reference states recorded for blocks {missing or 'all'}; run a record pass first")
+        return tuple(slot.states for slot in self.ref_slots)
+
+    def load_ref(self, buffer: tuple[torch.Tensor, ...]) -> None:
+        """Fill the slots from a buffer that ``recorded`` returned (guidance passes may be stacked on the batch)."""
+        if len(buffer) != len(self.ref_slots):
+            raise ValueError(f"reference buffer has {len(buffer)} blocks; this transformer has {len(self.ref_slots)}")
+        for slot, states in zip(self.ref_slots, buffer, strict=True):
+            slot.states = states
+        self.ref_mode = "read"
 
 
 def _attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, heads: int, backend=None) -> torch.Tensor:
@@ -123,20 +152,20 @@ class RefAttnProcessor(nn.Module):
     _attention_backend = None
     _parallel_config = None
 
-    def __init__(self, state: AdapterState, index: int, dim: int) -> None:
+    def __init__(self, state: AdapterState, slot: RefSlot, dim: int) -> None:
         super().__init__()
         self.state = state
-        self.index = index
+        self.slot = slot
         self.to_k_ref = nn.Linear(dim, dim, bias=True)
         self.to_v_ref = nn.Linear(dim, dim, bias=True)
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
         state = self.state
         if state.ref_mode == "record":
-            state.ref_buffer[self.index] = hidden_states
+            self.slot.states = hidden_states
         out, query = _main_attention(attn, hidden_states, None, rotary_emb, self._attention_backend)
         if state.ref_mode == "read":
-            ref = state.ref_buffer[self.index].to(hidden_states.dtype)
+            ref = self.slot.states.to(hidden_states.dtype)
             key = attn.norm_k(self.to_k_ref(ref))
             value = self.to_v_ref(ref)
             out = out + state.ref_scale * _attend(query, key, value, attn.heads, self._attention_backend)
@@ -166,8 +195,11 @@ def install_ref_adapter(transformer, state: AdapterState) -> nn.ModuleList:
     """Put Ref processors on every self-attention; returns them in checkpoint order (keys ``{i}.to_k_ref.weight``)."""
     dim = transformer.config.num_attention_heads * transformer.config.attention_head_dim
     layers = []
-    for index, block in enumerate(transformer.blocks):
-        proc = RefAttnProcessor(state, index, dim)
+    state.ref_slots = []
+    for block in transformer.blocks:
+        slot = RefSlot()
+        state.ref_slots.append(slot)
+        proc = RefAttnProcessor(state, slot, dim)
         block.attn1.set_processor(proc)
         layers.append(proc)
     return nn.ModuleList(layers)

@@ -5,7 +5,8 @@ Weights (``model.weights``): ``base`` (a ``Wan2.1-T2V-14B-Diffusers`` folder), `
 ``face_pack`` (an insightface model pack: the SCRFD detector, and the fallback ArcFace when ``arcface`` is not given,
 L2-normalised with a warning: identity conditioning is then not the official one); each a local path or fsspec URI
 (remote files and folders are fetched once per node into a verified cache). ``face_pack`` may be left out when
-``arcface`` is given and ``face_detector`` is ``dlib``. ``dtype``: auto = bf16 on GPU, fp32 on CPU.
+``arcface`` is given and ``face_detector`` is ``dlib``. ``dtype``: auto = bf16 on GPU, fp32 on CPU; fp32 on a GPU
+turns TF32 off in the replica (matmuls and cuDNN convolutions), so fp32 frames are fp32 frames.
 
 Options (``model.options``), all optional:
 
@@ -16,6 +17,12 @@ Options (``model.options``), all optional:
   (diffusers group offloading) for GPUs under 80 GB. ``vae_tiling`` (default false): tiled VAE decode.
 * ``step_cache``: a FirstBlockCache threshold (e.g. 0.05). Opt-in; it CHANGES the frames (skips blocks when the
   first block's residual barely moves), so fidelity to the official code no longer holds.
+* ``attention_backend``: a diffusers attention-dispatch name for every attention, ours included (``native`` =
+  PyTorch SDPA's own choice, the default; ``_native_cudnn``, ``_native_flash``, ``_native_efficient``; ``flash``,
+  ``sage``, ``xformers`` need their package on the workers). Unknown names fail when the job is validated.
+* ``compile`` (default false): ``torch.compile`` the transformer's repeated blocks once per replica (the first video
+  pays the compilation; each kind of pass compiles one graph, shared by all 40 blocks). A new ``ip_scale`` or
+  ``ref_scale`` value compiles once more (dynamo specialises on Python floats).
 * ``prompt_cache_size`` (64), ``subject_cache_size`` (64), ``ref_cache_size`` (8): the per-replica LRU caches
   (lossless reuse; a 14B bf16 reference buffer is ~105 MB of GPU memory, two per portrait and seed).
 * ``safety_classifier``: ``"module:attr"`` of a callable ``frames (F,H,W,3) float32 -> bool`` (True = blocked), or
@@ -37,6 +44,7 @@ import numpy as np
 
 from farm.models.base import Backend, GenerationRequest
 from farm.models.lynx.api import default_params, resolve_dtype
+from farm.models.lynx.execution import check_attention_backend
 from farm.models.lynx.face import LynxSubject, face_models, subject_from_image
 from farm.models.lynx.pipeline import OFFICIAL_NEGATIVE_PROMPT, Options
 from farm.params import SamplingParams
@@ -50,6 +58,8 @@ KNOWN_OPTIONS = frozenset(
         "cpu_offload",
         "vae_tiling",
         "step_cache",
+        "attention_backend",
+        "compile",
         "prompt_cache_size",
         "subject_cache_size",
         "ref_cache_size",
@@ -83,6 +93,10 @@ class LynxBackend(Backend):
         for role in ("base", "adapter"):
             if role not in spec.weights:
                 raise ValueError(f"lynx needs model.weights.{role} (see the README's Lynx section)")
+        if spec.options.get("attention_backend") is not None:
+            check_attention_backend(spec.options["attention_backend"])
+        if not isinstance(spec.options.get("compile", False), bool):
+            raise ValueError(f"lynx option compile={spec.options['compile']!r} must be true or false")
         self.pipeline = None
         self._face = None
         self._safety = None
@@ -131,6 +145,8 @@ class LynxBackend(Backend):
             prompt_cache_size=int(self._option("prompt_cache_size", 64)),
             subject_cache_size=int(self._option("subject_cache_size", 64)),
             ref_cache_size=int(self._option("ref_cache_size", 8)),
+            attention_backend=self._option("attention_backend", None),
+            compile=bool(self._option("compile", False)),
         )
         self.pipeline = LynxPipeline(model, options)
         target = self._option("safety_classifier", None)

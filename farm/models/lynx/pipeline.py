@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from farm.models.lynx import execution
 from farm.models.lynx.loader import LynxModel
 from farm.params import SamplingParams
 
@@ -36,6 +37,7 @@ MAX_TEXT_TOKENS = 512
 REF_FACE_SIZE = 256
 ARCFACE_DIM = 512
 SCHEDULES = ("official", "diffusers")
+RefBuffer = tuple[torch.Tensor, ...]  # one recorded self-attention input per block, in block order
 
 # The official scripts' negative prompt (infer.py / infer_lite.py).
 OFFICIAL_NEGATIVE_PROMPT = (
@@ -98,6 +100,9 @@ class Options:
     prompt_cache_size: int = 64
     subject_cache_size: int = 64
     ref_cache_size: int = 8
+    attention_backend: str | None = None  # a diffusers dispatch name (see ``execution``); None = PyTorch SDPA
+    compile: bool = False  # torch.compile the transformer's repeated blocks (once; see ``execution``)
+    compile_backend: str = "inductor"  # tests use "aot_eager" (same graphs and guards, no code generation)
 
 
 class LynxPipeline:
@@ -117,6 +122,11 @@ class LynxPipeline:
         self.dit_forwards = 0  # every transformer call, batched or not, counts once
         self.dit_samples = 0  # every sample through the transformer (a 3-way batched call counts 3)
         self._cache_enabled = False
+        execution.strict_fp32(model.dtype, model.device)
+        if self.options.attention_backend is not None:
+            execution.set_attention_backend(self.model.transformer, self.options.attention_backend)
+        if self.options.compile:
+            execution.compile_blocks(self.model.transformer, self.options.compile_backend)
         if self.options.step_cache is not None:
             from diffusers import FirstBlockCacheConfig
 
@@ -185,7 +195,7 @@ class LynxPipeline:
         x = torch.from_numpy(np.ascontiguousarray(arr)) / 255.0 * 2 - 1
         return x.permute(2, 0, 1)[None, :, None].to(self.device, self.model.vae.dtype)
 
-    def _ref_buffer(self, face: np.ndarray, face_key: str, seed: int, drop: bool) -> dict[int, torch.Tensor]:
+    def _ref_buffer(self, face: np.ndarray, face_key: str, seed: int, drop: bool) -> RefBuffer:
         """The per-block self-attention inputs of a DiT pass over the face latent at t=0 (``drop``: all-zero image)."""
         model = self.model
         image = self._face_tensor(face)
@@ -207,11 +217,11 @@ class LynxPipeline:
         state.ref_mode = "record"
         try:
             self._forward(latent, torch.tensor([0], dtype=torch.long, device=self.device), text.to(latent.dtype), 1)
-            return dict(state.ref_buffer)
+            return state.recorded()
         finally:
             state.clear()
 
-    def ref_buffers(self, face: np.ndarray, seed: int) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+    def ref_buffers(self, face: np.ndarray, seed: int) -> tuple[RefBuffer, RefBuffer]:
         """(reference buffer, unconditional reference buffer) for a 256x256 aligned face and a seed."""
         key = digest(face)
         cond = self.ref_cache.get_or_make((key, seed), lambda: self._ref_buffer(face, key, seed, drop=False))
@@ -248,8 +258,7 @@ class LynxPipeline:
             state.ip_scale, state.ref_scale = ip_scale, ref_scale
             state.ip_tokens = torch.cat([p[1] for p in group]) if group[0][1] is not None else None
             if group[0][2] is not None:
-                state.ref_mode = "read"
-                state.ref_buffer = {i: torch.cat([p[2][i] for p in group]) for i in group[0][2]}
+                state.load_ref(tuple(torch.cat(blocks) for blocks in zip(*(p[2] for p in group), strict=True)))
             text = torch.cat([p[0] for p in group])
             x = latents.to(self.dtype).expand(n, -1, -1, -1, -1)
             try:
@@ -286,6 +295,27 @@ class LynxPipeline:
         progress: Callable[[int, int], None] | None = None,
     ) -> np.ndarray:
         """float32 frames ``(F, H, W, 3)`` in [0, 1]. ``aligned_face`` (256x256 RGB uint8) is required for full."""
+        args = (face_embedding, aligned_face, prompt, negative_prompt, params, seed, batch_guidance, progress)
+        return self.decode(self.generate_latents(*args))
+
+    @torch.no_grad()
+    def generate_latents(
+        self,
+        face_embedding: np.ndarray,
+        aligned_face: np.ndarray | None,
+        prompt: str,
+        negative_prompt: str,
+        params: SamplingParams,
+        seed: int,
+        batch_guidance: bool | None = None,
+        progress: Callable[[int, int], None] | None = None,
+        max_steps: int | None = None,
+    ) -> torch.Tensor:
+        """The denoised latents ``(1, C, (F-1)//4+1, H/8, W/8)`` of ``generate``, before decoding.
+
+        ``max_steps`` stops after that many steps of the ``num_inference_steps`` schedule: benchmarks time a few
+        steps at the real step sizes rather than a whole video.
+        """
         model = self.model
         self.check(params)
         if not prompt:
@@ -320,7 +350,8 @@ class LynxPipeline:
                 passes.append((neg, ip, ref))
         scheduler = self._scheduler(params.num_inference_steps)
         g, gi = params.guidance_scale, params.guidance_scale_i
-        for i, t in enumerate(scheduler.timesteps):
+        timesteps = scheduler.timesteps if max_steps is None else scheduler.timesteps[:max_steps]
+        for i, t in enumerate(timesteps):
             outs = self._run_passes(latents, t, passes, params.ip_scale, params.ref_scale, batched)
             if len(outs) == 3:
                 cond, uncond, id_only = outs
@@ -332,10 +363,16 @@ class LynxPipeline:
                 noise = outs[0]
             latents = scheduler.step(noise, t, latents, return_dict=False)[0]
             if progress is not None:
-                progress(i + 1, len(scheduler.timesteps))
-        return self.decode(latents)
+                progress(i + 1, len(timesteps))
+        return latents
 
     def decode(self, latents: torch.Tensor) -> np.ndarray:
+        """float32 frames ``(F, H, W, 3)`` in [0, 1] on the host."""
+        return self.decode_frames(latents).cpu().numpy()
+
+    @torch.no_grad()
+    def decode_frames(self, latents: torch.Tensor) -> torch.Tensor:
+        """float32 frames ``(F, H, W, 3)`` in [0, 1], left on the VAE's device (benchmarks compare them there)."""
         vae = self.model.vae
         cfg = vae.config
         latents = latents.to(vae.dtype)
@@ -343,7 +380,7 @@ class LynxPipeline:
         inv_std = 1.0 / torch.tensor(cfg.latents_std).view(1, cfg.z_dim, 1, 1, 1).to(latents.device, latents.dtype)
         video = vae.decode(latents / inv_std + mean, return_dict=False)[0]  # (1, 3, F, H, W) in [-1, 1]
         frames = (video[0] * 0.5 + 0.5).clamp(0, 1).permute(1, 2, 3, 0)
-        return frames.float().cpu().numpy()
+        return frames.float()
 
     def reset_counters(self) -> None:
         self.dit_forwards = 0

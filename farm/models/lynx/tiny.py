@@ -23,8 +23,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from farm.models.lynx.arcface import ARCFACE_FILE
-from farm.models.lynx.loader import ADAPTER_CONFIG, IP_FILE, REF_FILE, RESAMPLER_FILE, AdapterConfig, build_adapters
+from farm.models.lynx.loader import (
+    ADAPTER_CONFIG,
+    IP_FILE,
+    REF_FILE,
+    RESAMPLER_FILE,
+    AdapterConfig,
+    build_adapters,
+    check_variant,
+)
 from farm.models.lynx.pipeline import OFFICIAL_NEGATIVE_PROMPT, REF_PROMPT
 
 BASE_DIRNAME = "Wan2.1-T2V-14B-Diffusers"  # the official README's folder names: this, lynx_full, lynx_lite
@@ -88,7 +95,7 @@ CORPUS = [
 ]
 
 
-def _write_tokenizer(folder: Path) -> int:
+def write_tiny_tokenizer(folder: Path) -> int:
     """Train a sentencepiece unigram model offline (T5 ids: pad 0, eos 1, unk 2); save it as Wan's folder has it."""
     import io
 
@@ -152,6 +159,70 @@ def _drop_config_keys(folder: Path, keys: tuple[str, ...]) -> None:
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
+def tiny_text_config(vocab: int) -> dict:
+    """``UMT5Config`` arguments of the tiny text encoder (width ``TEXT_DIM``)."""
+    return dict(
+        vocab_size=vocab,
+        d_model=TEXT_DIM,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=16,
+        feed_forward_proj="gated-gelu",
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
+
+
+def tiny_vae_config() -> dict:
+    """``AutoencoderKLWan`` arguments of the tiny VAE (Wan's 16 latent channels, 8x spatial / 4x temporal)."""
+    return dict(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1, attn_scales=[])
+
+
+def tiny_transformer_config() -> dict:
+    """``WanTransformer3DModel`` arguments of the tiny DiT (``LAYERS`` blocks of ``HEADS`` x ``HEAD_DIM``)."""
+    return dict(
+        patch_size=(1, 2, 2),
+        num_attention_heads=HEADS,
+        attention_head_dim=HEAD_DIM,
+        in_channels=16,
+        out_channels=16,
+        text_dim=TEXT_DIM,
+        freq_dim=32,
+        ffn_dim=64,
+        num_layers=LAYERS,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        eps=1e-6,
+    )
+
+
+def tiny_adapter_config(variant: str) -> AdapterConfig:
+    """The tiny adapters: full with biases, 2 registers and a Ref-adapter; lite every 2nd block, no biases."""
+    full = AdapterConfig(
+        variant="full",
+        resampler_dim=32,
+        resampler_depth=2,
+        resampler_dim_head=8,
+        resampler_heads=4,
+        resampler_queries=4,
+        resampler_ff_mult=2,
+        ip_dim=HEADS * HEAD_DIM,
+        ip_interval=1,
+        ip_bias=True,
+        ip_registers=2,
+        ref_adapter=True,
+    )
+    if check_variant(variant) == "full":
+        return full
+    return dataclasses.replace(
+        full, variant="lite", ip_dim=LITE_IP_DIM, ip_interval=2, ip_bias=False, ip_registers=0, ref_adapter=False
+    )
+
+
 def _seeded(seed: int, part: int):
     torch.manual_seed(np.random.SeedSequence([seed, part]).generate_state(1)[0])
 
@@ -185,73 +256,27 @@ def make_tiny_checkpoint(
     base = root / BASE_DIRNAME
     base.mkdir(parents=True, exist_ok=True)
     (base / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=2))
-    vocab = _write_tokenizer(base / "tokenizer")
+    vocab = write_tiny_tokenizer(base / "tokenizer")
 
     with torch.random.fork_rng(devices=[]):
         _seeded(seed, 1)
-        encoder = UMT5EncoderModel(
-            UMT5Config(
-                vocab_size=vocab,
-                d_model=TEXT_DIM,
-                d_kv=8,
-                d_ff=64,
-                num_layers=2,
-                num_heads=4,
-                relative_attention_num_buckets=8,
-                relative_attention_max_distance=16,
-                feed_forward_proj="gated-gelu",
-                pad_token_id=0,
-                eos_token_id=1,
-                decoder_start_token_id=0,
-            )
-        )
+        encoder = UMT5EncoderModel(UMT5Config(**tiny_text_config(vocab)))
         encoder.save_pretrained(str(base / "text_encoder"))
 
         _seeded(seed, 2)
-        vae = AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1, attn_scales=[])
+        vae = AutoencoderKLWan(**tiny_vae_config())
         vae.save_pretrained(str(base / "vae"))
         _drop_config_keys(base / "vae", NEWER_VAE_KEYS)
 
         _seeded(seed, 3)
-        transformer = WanTransformer3DModel(
-            patch_size=(1, 2, 2),
-            num_attention_heads=HEADS,
-            attention_head_dim=HEAD_DIM,
-            in_channels=16,
-            out_channels=16,
-            text_dim=TEXT_DIM,
-            freq_dim=32,
-            ffn_dim=64,
-            num_layers=LAYERS,
-            cross_attn_norm=True,
-            qk_norm="rms_norm_across_heads",
-            eps=1e-6,
-        )
+        transformer = WanTransformer3DModel(**tiny_transformer_config())
         _randomize(transformer.blocks, seed, 4, std_scale=1.0)  # non-trivial norms, modulation and attention
         transformer.save_pretrained(str(base / "transformer"))
         _drop_config_keys(base / "transformer", NEWER_TRANSFORMER_KEYS)
     (base / "scheduler").mkdir(exist_ok=True)
     (base / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER_CONFIG, indent=2))
 
-    inner = HEADS * HEAD_DIM
-    full = AdapterConfig(
-        variant="full",
-        resampler_dim=32,
-        resampler_depth=2,
-        resampler_dim_head=8,
-        resampler_heads=4,
-        resampler_queries=4,
-        resampler_ff_mult=2,
-        ip_dim=inner,
-        ip_interval=1,
-        ip_bias=True,
-        ip_registers=2,
-        ref_adapter=True,
-    )
-    lite = dataclasses.replace(
-        full, variant="lite", ip_dim=LITE_IP_DIM, ip_interval=2, ip_bias=False, ip_registers=0, ref_adapter=False
-    )
-    variants = {"full": full, "lite": lite}
+    variants = {variant: tiny_adapter_config(variant) for variant in ("full", "lite")}
     for index, (variant, config) in enumerate(variants.items()):
         folder = root / f"lynx_{variant}"
         folder.mkdir(parents=True, exist_ok=True)
@@ -273,7 +298,7 @@ def make_tiny_checkpoint(
 
         write_tiny_insightface_pack(root / "insightface", seed)
     if with_arcface:
-        from farm.models.lynx.arcface import write_tiny_irse50
+        from farm.models.lynx.arcface import ARCFACE_FILE, write_tiny_irse50
 
         write_tiny_irse50(root / ARCFACE_DIRNAME / ARCFACE_FILE, seed)
     return root
