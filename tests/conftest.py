@@ -10,6 +10,14 @@ from typing import Any
 import pytest
 
 FAKE_GPUS = 4
+SLOW_TIMEOUT_S = 1800  # pyproject's `timeout` (300 s) is sized for the CI suite; slow tests (-m slow) run longer
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests marked slow get ``SLOW_TIMEOUT_S`` unless they set their own ``@pytest.mark.timeout``."""
+    for item in items:
+        if item.get_closest_marker("slow") and not item.get_closest_marker("timeout"):
+            item.add_marker(pytest.mark.timeout(SLOW_TIMEOUT_S))
 
 
 @pytest.fixture(scope="session")
