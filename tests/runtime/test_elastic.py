@@ -5,9 +5,13 @@ while a job runs. The driver is a real ``farm run`` process that joins the clust
 
 from __future__ import annotations
 
+import json
 import os
+import secrets
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -140,3 +144,84 @@ def test_replicas_are_replaced_when_capacity_returns(cluster: Any, tmp_path: Pat
     assert len(recs) == 24 and {r["status"] for r in recs.values()} == {"ok"}
     assert any(r["node"].endswith(replacement.node_id[:8]) for r in recs.values())
     assert all(r["attempts"] <= 2 for r in recs.values())
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture()
+def autoscaling_cluster(tmp_path: Path) -> Iterator[tuple[str, Path, dict[str, str]]]:
+    """A head with a real Ray autoscaler whose provider is Ray's fake multi-node one (nodes are local processes):
+    the autoscaler adds GPU nodes when asked, as on a cloud. Writes ``tmp_path/autoscaler.yaml``; yields (address,
+    Ray's temp dir, the auth environment a client needs)."""
+    import ray._private.services as services
+
+    ip, port = services.get_node_ip_address(), _free_port()
+    temp_dir = Path(tempfile.mkdtemp(prefix="farm-as-", dir="/tmp"))  # short: Ray's socket paths have a length limit
+    config = {
+        "cluster_name": "farm-test", "max_workers": 4, "upscaling_speed": 1.0, "idle_timeout_minutes": 5,
+        "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
+                     "disable_launch_config_check": True, "gcs_address": f"{ip}:{port}"},
+        "auth": {}, "docker": {}, "head_node_type": "ray.head.default",
+        "available_node_types": {
+            "ray.head.default": {"resources": {"CPU": 1, "GPU": 0}, "node_config": {}, "max_workers": 0},
+            "gpu": {"resources": {"CPU": 1, "GPU": 1}, "node_config": {}, "min_workers": 0, "max_workers": 2},
+        },
+        **{key: [] for key in ("initialization_commands", "setup_commands", "head_setup_commands",
+                               "worker_setup_commands", "head_start_ray_commands", "worker_start_ray_commands",
+                               "cluster_synced_files", "rsync_exclude", "rsync_filter")},
+        "file_mounts": {}, "file_mounts_sync_continuously": False,
+    }
+    path = tmp_path / "autoscaler.yaml"
+    path.write_text(yaml.safe_dump(config))
+    # Token auth on, as Ray 2.60 clusters run by default: every process that joins needs the same token.
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    env = {**os.environ, **auth, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    subprocess.run([ray_bin, "start", "--head", f"--port={port}", "--num-cpus=1", "--num-gpus=0",
+                    f"--autoscaling-config={path}", f"--temp-dir={temp_dir}", "--include-dashboard=false"],
+                   env=env, check=True, capture_output=True, timeout=120)
+    try:
+        yield f"{ip}:{port}", temp_dir, auth
+    finally:
+        _kill_processes_mentioning(str(temp_dir), f":{port}")
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _kill_processes_mentioning(*needles: str) -> None:
+    """Stop only this test's Ray processes (``ray stop`` would also stop the session's other clusters)."""
+    import psutil
+
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if proc.pid != os.getpid() and any(n in cmdline for n in needles):
+            try:
+                proc.kill()
+            except psutil.Error:
+                pass
+
+
+@pytest.mark.slow
+def test_the_autoscaler_is_asked_for_every_gpu_it_can_add(autoscaling_cluster: tuple[str, Path, dict[str, str]],
+                                                          tmp_path: Path) -> None:
+    """`replicas: all` on a cluster with 0 GPUs: the farm reads what the autoscaler can scale to (2 GPU nodes), asks
+    for both with request_resources, and runs on the nodes the autoscaler brings up."""
+    address, temp_dir, auth = autoscaling_cluster
+    config = tmp_path / "autoscaler.yaml"
+    spec = _spec(tmp_path, 24)
+    env = {**os.environ, **auth, "RAY_ADDRESS": address, "FARM_AUTOSCALER_CONFIG": str(config)}
+    proc = subprocess.run([sys.executable, "-m", "farm.cli", "run", str(spec), "--no-progress"], env=env,
+                          capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    recs = _records(tmp_path / "out")
+    assert len(recs) == 24 and {r["status"] for r in recs.values()} == {"ok"}
+    assert '"replicas": 2' in proc.stdout
+    replicas = json.loads((tmp_path / "out" / "_job.json").read_text())["replicas"]
+    assert len({r["node_id"] for r in replicas}) == 2, "a replica on each GPU node the autoscaler added"
+    monitor = "\n".join(p.read_text(errors="replace") for p in temp_dir.glob("session_*/logs/monitor.log"))
+    assert "request_resources" in monitor
