@@ -4,12 +4,13 @@ float32. Each is set once per replica (``LynxPipeline`` calls these) and none ch
 * ``attention_backend``: a name from diffusers' attention dispatch (``native`` = PyTorch's SDPA, which picks its own
   kernel; ``_native_cudnn``, ``_native_flash``, ``_native_efficient``, ``_native_math`` force one of SDPA's kernels;
   ``flash``, ``sage``, ``xformers`` … need their package). Set on every attention processor of the transformer, our
-  ID/Ref processors included (they call the same dispatch). Backends that fetch kernels from a hub at run time are
-  refused: replicas load code and weights from local files only.
+  ID/Ref processors included (they call the same dispatch); diffusers also makes it the process's active backend.
+  Backends that fetch kernels from a hub at run time are refused: replicas load code and weights from local files.
 * ``compile``: diffusers' ``compile_repeated_blocks`` (``torch.compile`` of one ``WanTransformerBlock``, reused by all
   40), static shapes, so each kind of pass (reference record, guidance read) compiles once.
 * fp32 on CUDA: PyTorch lets cuDNN convolutions (Wan's patch embedding, the whole VAE) use TF32 by default, which put
-  fp32 frames 1e-3 from the CPU's; ``strict_fp32`` turns TF32 off for matmuls and convolutions.
+  fp32 frames 1.6e-3 from the CPU's on an H200 (tiny checkpoint); ``strict_fp32`` turns TF32 off for matmuls and
+  convolutions: 2.7e-6 (benchmarks/results/lynx_gpu_h200.md).
 """
 
 from __future__ import annotations
