@@ -26,7 +26,8 @@ def ray_cluster() -> Iterator[Any]:
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, num_gpus=FAKE_GPUS, include_dashboard=False, logging_level="ERROR",
+        # address="local": a new cluster even while another one (a multi-node test's) is registered on the machine
+        ray.init(address="local", num_cpus=2, num_gpus=FAKE_GPUS, include_dashboard=False, logging_level="ERROR",
                  log_to_driver=False)
     yield ray
     ray.shutdown()

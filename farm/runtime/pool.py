@@ -29,6 +29,7 @@ from farm.runtime.scheduler import Loss
 
 log = logging.getLogger("farm")
 
+PROBE_EVERY_S = 1.0
 NODE_DEATH_MARKERS = ("its node has died", "node was terminated", "node died", "preempt", "drain")
 
 
@@ -92,7 +93,8 @@ class _Handle:
     info: dict[str, Any] | None = None
     refs: dict[Any, int] = field(default_factory=dict)  # in-flight ref -> ticket
     probe_ref: Any = None
-    probe_deadline: float = 0.0
+    probe_deadline: float = 0.0  # > 0 while the replica is unreachable and being probed
+    next_probe_at: float = 0.0
     dropped: list[int] = field(default_factory=list)
 
 
@@ -203,7 +205,7 @@ class ReplicaPool:
     def _on_actor_error(self, handle: _Handle, exc: Exception, ticket: int) -> list[Any]:
         if isinstance(exc, ray.exceptions.ActorUnavailableError) and not self._node_dead(handle):
             handle.dropped.append(ticket)
-            if handle.probe_ref is not None:
+            if handle.probe_deadline:
                 return []
             handle.probe_ref = handle.actor.ping.remote()
             handle.probe_deadline = time.monotonic() + self.grace_s
@@ -213,19 +215,38 @@ class ReplicaPool:
         return [self._lose(handle, self._classify(handle, exc), _short(exc))]
 
     def _on_probe(self, handle: _Handle) -> list[Any]:
+        """A probe answered: the replica is back; or Ray knows it is dead (and why); or still unreachable: retry.
+
+        An unreachable node is not known dead until Ray's health check gives up on it (~15 s by default), so a
+        probe that fails as "unavailable" decides nothing: the replica is probed again until the grace runs out.
+        """
         try:
             ray.get(handle.probe_ref)
+        except ray.exceptions.ActorUnavailableError:
+            if self._node_dead(handle):
+                return [self._lose(handle, Loss.NODE_LOST, "its node is no longer alive")]
+            handle.probe_ref, handle.next_probe_at = None, time.monotonic() + PROBE_EVERY_S
+            return []
         except Exception as exc:  # noqa: BLE001
             return [self._lose(handle, self._classify(handle, exc), _short(exc))]
         log.warning("%s answers again; %d row(s) whose results were lost are rerun", handle.key, len(handle.dropped))
         dropped = [Dropped(handle.key, t) for t in handle.dropped]
-        handle.probe_ref, handle.dropped = None, []
+        handle.probe_ref, handle.probe_deadline, handle.dropped = None, 0.0, []
         return dropped
 
     def _overdue_probes(self) -> list[Lost]:
+        """Re-probe unreachable replicas that are due; past the grace, an unreachable replica is lost with its node."""
         now = time.monotonic()
-        overdue = [h for h in self.handles.values() if h.probe_ref is not None and h.probe_deadline < now]
-        return [self._lose(h, Loss.NODE_LOST, f"unreachable for {self.grace_s:g}s") for h in overdue]
+        lost = []
+        for handle in [h for h in self.handles.values() if h.probe_deadline]:
+            if handle.probe_deadline < now:
+                lost.append(self._lose(handle, Loss.NODE_LOST, f"unreachable for {self.grace_s:g}s"))
+            elif handle.probe_ref is None and handle.next_probe_at <= now:
+                if self._node_dead(handle):
+                    lost.append(self._lose(handle, Loss.NODE_LOST, "its node is no longer alive"))
+                else:
+                    handle.probe_ref = handle.actor.ping.remote()
+        return lost
 
     # ------------------------------------------------------------------ losses
     def _classify(self, handle: _Handle, exc: BaseException) -> Loss:
@@ -247,7 +268,7 @@ class ReplicaPool:
     # ------------------------------------------------------------------ views
     @property
     def ready(self) -> list[str]:
-        return [k for k, h in self.handles.items() if h.info is not None and h.probe_ref is None]
+        return [k for k, h in self.handles.items() if h.info is not None and not h.probe_deadline]
 
     def infos(self) -> list[dict[str, Any]]:
         """Every replica that became ready during this run (lost ones too: where rows ran)."""

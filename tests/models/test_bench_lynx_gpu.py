@@ -20,6 +20,7 @@ def bench():
     return module
 
 
+@pytest.mark.slow  # ~50 s on 2 cores: every option on the tiny checkpoint
 def test_tiny_run_writes_the_table(tmp_path: Path) -> None:
     args = ["--tiny", "--variants", "full", "--options", "default,unbatched,compile", "--compile-backend", "aot_eager"]
     results = bench().main([*args, "--no-fidelity", "--out", str(tmp_path)])
