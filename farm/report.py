@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 from typing import Any
 
 import pyarrow as pa
@@ -12,6 +13,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from farm import storage
+from farm.lease import OutputLease, describe_holder
 from farm.manifest import column_values
 from farm.results import read_results
 from farm.storage import OutputLayout
@@ -43,6 +45,9 @@ def status_text(output: str, storage_options: dict[str, Any] | None = None) -> s
         rate = f"{done / elapsed * 3600:.0f} rows/h" if elapsed else "-"
         lines.append(f"run {run.get('run_id')}: {run.get('status')}  rows: {done}  elapsed: {elapsed}s  {rate}  "
                      f"replicas: {run.get('replicas')}  restarts: {run.get('replica_restarts')}")
+    holder = OutputLease(layout, storage_options, run_id="farm-status").read()
+    if holder:
+        lines.append(f"lease: {describe_holder(holder, time.time())}")
     return "\n".join(lines)
 
 

@@ -335,3 +335,17 @@ def test_a_lease_of_a_dead_process_on_this_host_is_taken_over_at_once(tmp_path) 
     lease = OutputLease(out, run_id="next", ttl_s=600).acquire()
     assert lease.read()["run_id"] == "next"
     lease.release()
+
+
+def test_farm_status_names_the_run_holding_the_output(tmp_path) -> None:
+    from farm.lease import OutputLease
+    from farm.report import status_text
+
+    out = str(tmp_path / "out")
+    assert "lease:" not in status_text(out)
+    lease = OutputLease(out, run_id="run-42", ttl_s=300).acquire()
+    try:
+        text = status_text(out)
+        assert f"lease: run run-42 on host {lease.host}" in text and "(in " in text
+    finally:
+        lease.release()
