@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from farm.models.lynx.pipeline import OFFICIAL_NEGATIVE_PROMPT, LynxPipeline, Options
+from farm.models.lynx.random_model import WAN_T2V_14B
 from farm.params import SamplingParams
 
 PROMPT = "A woman smiles at her laptop in a bright modern office, handheld camera."
@@ -24,19 +25,7 @@ FAST = SamplingParams(num_frames=5, height=32, width=48, num_inference_steps=2, 
 FAST_2PASS = dataclasses.replace(FAST, guidance_scale_i=None)
 
 # The Wan2.1-T2V-14B transformer config (the official Lynx adapters' sizes are checked against it on meta).
-WAN14B = dict(
-    num_attention_heads=40,
-    attention_head_dim=128,
-    in_channels=16,
-    out_channels=16,
-    text_dim=4096,
-    freq_dim=256,
-    ffn_dim=13824,
-    num_layers=40,
-    cross_attn_norm=True,
-    qk_norm="rms_norm_across_heads",
-    eps=1e-6,
-)
+WAN14B = WAN_T2V_14B
 
 
 @lru_cache(maxsize=1)
