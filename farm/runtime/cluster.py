@@ -6,11 +6,13 @@ one that happens to run on the machine. Only on the embedded cluster (or with ``
 asks for GPUs fall back to CPU replicas.
 
 **What the cluster can scale to** (for ``resources.replicas: all``), read in this order:
-1. the autoscaler's cluster config that Ray keeps in its GCS (published by autoscaler v2, e.g. KubeRay's);
-2. the cluster launcher's config on the head node, ``~/ray_bootstrap_config.yaml`` (or ``$FARM_AUTOSCALER_CONFIG``):
-   the sum over worker node types of ``max_workers`` x their ``resources.GPU`` (capped by the top-level
-   ``max_workers``), plus the head's;
-3. otherwise the GPUs the cluster has now; the figure is re-read as nodes join, and never goes down during a job.
+1. the autoscaler's cluster config where Ray keeps one in its GCS;
+2. on KubeRay (``RAY_CLUSTER_NAME`` and ``RAY_CLUSTER_NAMESPACE`` set in the pod), the RayCluster object itself, read
+   from the Kubernetes API and turned into an autoscaling config the way Ray's KubeRay autoscaler does;
+3. a cluster-launcher config: ``$FARM_AUTOSCALER_CONFIG``, else ``~/ray_bootstrap_config.yaml`` on the head node;
+In 2 and 3: the sum over worker node types of ``max_workers`` x their ``resources.GPU`` (largest nodes first, capped
+by the top-level ``max_workers``), plus the head's.
+4. otherwise the GPUs the cluster has now; the figure is re-read as nodes join, and never goes down during a job.
 """
 
 from __future__ import annotations
@@ -65,6 +67,9 @@ def max_gpus() -> float | None:
         published = None
     if published and published.get("GPU"):
         return float(published["GPU"])
+    kuberay = _kuberay_max_gpus()
+    if kuberay:
+        return kuberay
     path = Path(os.path.expanduser(os.environ.get("FARM_AUTOSCALER_CONFIG", BOOTSTRAP_CONFIG)))
     if path.is_file():
         try:
@@ -72,6 +77,23 @@ def max_gpus() -> float | None:
         except (OSError, yaml.YAMLError, TypeError, ValueError, AttributeError) as exc:
             log.warning("cannot read the autoscaler config %s (%s): replicas follow the GPUs present", path, exc)
     return None
+
+
+def _kuberay_max_gpus() -> float | None:
+    """What the RayCluster this pod belongs to can scale to (KubeRay), or None off KubeRay or when it cannot be read."""
+    name, namespace = os.environ.get("RAY_CLUSTER_NAME"), os.environ.get("RAY_CLUSTER_NAMESPACE")
+    if not (name and namespace):
+        return None
+    try:
+        from ray.autoscaler._private.kuberay.autoscaling_config import _derive_autoscaling_config_from_ray_cr
+        from ray.autoscaler._private.kuberay.node_provider import KubernetesHttpApiClient
+
+        ray_cr = KubernetesHttpApiClient(namespace).get(f"rayclusters/{name}")
+        return gpus_in_launcher_config(_derive_autoscaling_config_from_ray_cr(ray_cr))
+    except Exception as exc:  # noqa: BLE001 - no API access (RBAC), no service account: fall back
+        log.warning("cannot read RayCluster %s/%s (%s): replicas: all falls back to other sources", namespace, name,
+                    exc)
+        return None
 
 
 def gpus_in_launcher_config(config: dict[str, Any]) -> float | None:

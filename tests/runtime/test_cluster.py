@@ -78,3 +78,40 @@ def test_max_gpus_reads_the_file_named_by_the_environment(tmp_path: Path, monkey
     assert cluster.max_gpus() is None  # unreadable: replicas follow the GPUs present (a warning says why)
     monkeypatch.setenv("FARM_AUTOSCALER_CONFIG", str(tmp_path / "missing.yaml"))
     assert cluster.max_gpus() is None
+
+
+def test_on_kuberay_the_raycluster_object_gives_the_ceiling(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pod's RayCluster (here: deploy/kuberay/raycluster.yaml, as the Kubernetes API would return it) is read
+    through Ray's own KubeRay autoscaler code: 8 pods x 8 GPUs."""
+    from ray.autoscaler._private.kuberay import node_provider
+
+    docs = list(yaml.safe_load_all((REPO / "deploy" / "kuberay" / "raycluster.yaml").read_text()))
+    raycluster = next(d for d in docs if d and d.get("kind") == "RayCluster")
+    raycluster["metadata"].setdefault("namespace", "default")  # the API server fills it in
+    asked: list[str] = []
+
+    def fake_get(self: Any, path: str) -> dict:
+        asked.append(path)
+        return raycluster
+
+    monkeypatch.setattr(node_provider.KubernetesHttpApiClient, "__init__", lambda self, namespace: None)
+    monkeypatch.setattr(node_provider.KubernetesHttpApiClient, "get", fake_get)
+    monkeypatch.delenv("FARM_AUTOSCALER_CONFIG", raising=False)
+    monkeypatch.setenv("RAY_CLUSTER_NAME", raycluster["metadata"]["name"])
+    monkeypatch.setenv("RAY_CLUSTER_NAMESPACE", "default")
+    assert cluster.max_gpus() == 64
+    assert asked == [f"rayclusters/{raycluster['metadata']['name']}"]
+
+
+def test_an_unreadable_raycluster_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ray.autoscaler._private.kuberay import node_provider
+
+    def forbidden(self: Any, path: str) -> dict:
+        raise PermissionError("403 Forbidden")
+
+    monkeypatch.setattr(node_provider.KubernetesHttpApiClient, "__init__", lambda self, namespace: None)
+    monkeypatch.setattr(node_provider.KubernetesHttpApiClient, "get", forbidden)
+    monkeypatch.setenv("RAY_CLUSTER_NAME", "x")
+    monkeypatch.setenv("RAY_CLUSTER_NAMESPACE", "default")
+    monkeypatch.setenv("FARM_AUTOSCALER_CONFIG", "/nonexistent.yaml")
+    assert cluster.max_gpus() is None
