@@ -46,24 +46,34 @@ def write_manifest(path: Path, n: int, distinct_portraits: bool = False) -> str:
         for i in range(n):
             (folder / f"p{i}.png").write_bytes(src)
         portraits = [str(folder / f"p{i}.png") for i in range(n)]
-    table = pa.table({
-        "id": [f"row-{i:07d}" for i in range(n)],
-        "portrait": portraits,
-        "prompt": [f"a person, take {i}" for i in range(n)],
-    })
+    table = pa.table(
+        {
+            "id": [f"row-{i:07d}" for i in range(n)],
+            "portrait": portraits,
+            "prompt": [f"a person, take {i}" for i in range(n)],
+        }
+    )
     pq.write_table(table, path, row_group_size=65536)
     return str(path)
 
 
 def sim_job(manifest: str, output: str, options: dict[str, float], replicas: int = REPLICAS) -> Any:
-    return parse_job({
-        "name": "bench", "manifest": manifest, "output": output,
-        "model": {"backend": "simulated", "options": options},
-        "identity": {"enabled": False},
-        "resources": {"replicas": replicas, "gpus_per_replica": 1, "cpus_per_replica": 0.01,
-                      "in_flight_per_replica": 3},
-        "runtime": {"commit_every_rows": 256, "commit_every_s": 5},
-    })
+    return parse_job(
+        {
+            "name": "bench",
+            "manifest": manifest,
+            "output": output,
+            "model": {"backend": "simulated", "options": options},
+            "identity": {"enabled": False},
+            "resources": {
+                "replicas": replicas,
+                "gpus_per_replica": 1,
+                "cpus_per_replica": 0.01,
+                "in_flight_per_replica": 3,
+            },
+            "runtime": {"commit_every_rows": 256, "commit_every_s": 5},
+        }
+    )
 
 
 def bench_farm(manifest: str, out: str, options: dict[str, float]) -> dict[str, Any]:
@@ -72,8 +82,13 @@ def bench_farm(manifest: str, out: str, options: dict[str, float]) -> dict[str, 
     t0 = time.perf_counter()
     summary = run_job(sim_job(manifest, out, options), progress=False)
     wall = time.perf_counter() - t0
-    return {"wall_s": wall, "busy_fraction": summary.busy_fraction, "ok": summary.counts["ok"],
-            "first_dispatch_s": summary.first_dispatch_s, "steady_s": summary.elapsed_s - summary.first_dispatch_s}
+    return {
+        "wall_s": wall,
+        "busy_fraction": summary.busy_fraction,
+        "ok": summary.counts["ok"],
+        "first_dispatch_s": summary.first_dispatch_s,
+        "steady_s": summary.elapsed_s - summary.first_dispatch_s,
+    }
 
 
 class _RayDataReplica:
@@ -108,9 +123,17 @@ def bench_ray_data(manifest: str, out: str, options: dict[str, float]) -> dict[s
 
     rows = pq.read_metadata(manifest).num_rows
     t0 = time.perf_counter()
-    ds = ray.data.read_parquet(manifest).repartition(rows).map_batches(
-        _RayDataReplica, fn_constructor_kwargs={"options": options, "out": out}, batch_size=1,
-        compute=ray.data.ActorPoolStrategy(size=REPLICAS), num_gpus=1, num_cpus=0.01,
+    ds = (
+        ray.data.read_parquet(manifest)
+        .repartition(rows)
+        .map_batches(
+            _RayDataReplica,
+            fn_constructor_kwargs={"options": options, "out": out},
+            batch_size=1,
+            compute=ray.data.ActorPoolStrategy(size=REPLICAS),
+            num_gpus=1,
+            num_cpus=0.01,
+        )
     )
     ds.write_parquet(f"{out}/results")
     wall = time.perf_counter() - t0
@@ -146,10 +169,20 @@ def section_efficiency(tmp: Path, rows: int, gpu_time: float, load_time: float, 
     rd = bench_ray_data(manifest, str(tmp / "raydata-out"), options)
     naive = bench_naive(manifest, str(tmp / "naive-out"), options, naive_rows)
     out = []
-    for name, res in (("farm (this repo)", farm), ("Ray Data map_batches + ActorPool", rd),
-                      ("naive per-row loop (reload each row)", naive)):
-        out.append([name, res["ok"], f"{res['wall_s']:.1f}", f"{efficiency(res['ok'], res['wall_s'], gpu_time):.3f}",
-                    f"{efficiency(res['ok'], res['steady_s'], gpu_time):.3f}"])
+    for name, res in (
+        ("farm (this repo)", farm),
+        ("Ray Data map_batches + ActorPool", rd),
+        ("naive per-row loop (reload each row)", naive),
+    ):
+        out.append(
+            [
+                name,
+                res["ok"],
+                f"{res['wall_s']:.1f}",
+                f"{efficiency(res['ok'], res['wall_s'], gpu_time):.3f}",
+                f"{efficiency(res['ok'], res['steady_s'], gpu_time):.3f}",
+            ]
+        )
     return out
 
 
@@ -169,8 +202,12 @@ def section_scale(tmp: Path, rows: int, watch_s: float, address: str) -> dict[st
     job = sim_job(manifest, str(tmp / "million-out"), {"gpu_time_s": 0.05}).model_dump(mode="json")
     spec.write_text(json.dumps(job))
     env = {**os.environ, "RAY_ADDRESS": address}
-    proc = subprocess.Popen([sys.executable, "-m", "farm.cli", "run", str(spec), "--no-progress"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "farm.cli", "run", str(spec), "--no-progress"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     handle = psutil.Process(proc.pid)
     peak = 0
     end = time.time() + watch_s
@@ -184,9 +221,14 @@ def section_scale(tmp: Path, rows: int, watch_s: float, address: str) -> dict[st
     proc.wait(timeout=120)
     meta = json.loads((tmp / "million-out" / "_job.json").read_text())
     run = meta["runs"][-1]
-    return {"rows": rows, "manifest_write_s": made, "peak_rss_mib": peak / 2**20,
-            "first_dispatch_s": run.get("first_dispatch_s"), "rows_done_in_window": run.get("counts", {}).get("ok"),
-            "watch_s": watch_s}
+    return {
+        "rows": rows,
+        "manifest_write_s": made,
+        "peak_rss_mib": peak / 2**20,
+        "first_dispatch_s": run.get("first_dispatch_s"),
+        "rows_done_in_window": run.get("counts", {}).get("ok"),
+        "watch_s": watch_s,
+    }
 
 
 def main() -> None:
@@ -210,21 +252,27 @@ def main() -> None:
         tmp = Path(tmpdir)
         if "efficiency" in sections:
             table = section_efficiency(tmp, args.rows, args.gpu_time, args.load_time, args.naive_rows)
-            print(f"\n## efficiency: {args.rows} rows, gpu_time {args.gpu_time}s/row, load {args.load_time}s, "
-                  f"ideal {args.rows * args.gpu_time / REPLICAS:.1f}s (wall includes replica start-up)")
+            print(
+                f"\n## efficiency: {args.rows} rows, gpu_time {args.gpu_time}s/row, load {args.load_time}s, "
+                f"ideal {args.rows * args.gpu_time / REPLICAS:.1f}s (wall includes replica start-up)"
+            )
             print("| scheduler | rows | wall s | efficiency (wall) | efficiency (steady state) |")
             print("|---|---|---|---|---|")
             for row in table:
                 print("| " + " | ".join(str(c) for c in row) + " |")
         if "busy" in sections:
             busy = section_busy(tmp, args.busy_rows, args.gpu_time)
-            print(f"\n## GPU-busy fraction with CPU pre+post work = 0.5 x gpu_time ({args.busy_rows} rows, distinct "
-                  f"portraits): {busy['busy_fraction']:.3f} (wall {busy['wall_s']:.1f}s, ok {busy['ok']})")
+            print(
+                f"\n## GPU-busy fraction with CPU pre+post work = 0.5 x gpu_time ({args.busy_rows} rows, distinct "
+                f"portraits): {busy['busy_fraction']:.3f} (wall {busy['wall_s']:.1f}s, ok {busy['ok']})"
+            )
         if "scale" in sections:
             scale = section_scale(tmp, args.scale_rows, args.scale_watch, ray.get_runtime_context().gcs_address)
-            print(f"\n## {scale['rows']:,}-row manifest: driver peak RSS {scale['peak_rss_mib']:.0f} MiB, "
-                  f"first dispatch {scale['first_dispatch_s']:.2f}s, {scale['rows_done_in_window']} rows done in the "
-                  f"{scale['watch_s']:.0f}s window (manifest written in {scale['manifest_write_s']:.1f}s)")
+            print(
+                f"\n## {scale['rows']:,}-row manifest: driver peak RSS {scale['peak_rss_mib']:.0f} MiB, "
+                f"first dispatch {scale['first_dispatch_s']:.2f}s, {scale['rows_done_in_window']} rows done in the "
+                f"{scale['watch_s']:.0f}s window (manifest written in {scale['manifest_write_s']:.1f}s)"
+            )
     ray.shutdown()
 
 

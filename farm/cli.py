@@ -61,8 +61,11 @@ def _too_many_failed(counts: dict[str, int], limit: float, path: str) -> bool:
     failed, ok = counts.get("failed", 0), counts.get("ok", 0)
     if failed == 0 or failed / (failed + ok) <= limit:
         return False
-    print(f"error: {path}: {failed} of {failed + ok} rows failed this run, more than runtime.max_failed_fraction="
-          f"{limit:g}; see `farm status` for the error codes (exit {EXIT_ROWS_FAILED})", file=sys.stderr)
+    print(
+        f"error: {path}: {failed} of {failed + ok} rows failed this run, more than runtime.max_failed_fraction="
+        f"{limit:g}; see `farm status` for the error codes (exit {EXIT_ROWS_FAILED})",
+        file=sys.stderr,
+    )
     return True
 
 
@@ -103,8 +106,14 @@ def cmd_score(args: argparse.Namespace) -> int:
     from farm.scoring import score_manifest
 
     summary = score_manifest(
-        args.manifest, args.output, recognizer=args.recognizer, pack=args.pack, frames=args.frames,
-        storage_options=_storage_options(args.storage_option), progress=not args.no_progress, workers=args.workers,
+        args.manifest,
+        args.output,
+        recognizer=args.recognizer,
+        pack=args.pack,
+        frames=args.frames,
+        storage_options=_storage_options(args.storage_option),
+        progress=not args.no_progress,
+        workers=args.workers,
     )
     print(json.dumps(summary, indent=2))
     return EXIT_OK

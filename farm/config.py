@@ -36,8 +36,12 @@ class ModelSection(_Strict):
 
     def to_spec(self, storage_options: dict[str, Any] | None = None) -> ModelSpec:
         return ModelSpec(
-            backend=self.backend, variant=self.variant, weights=dict(self.weights), dtype=self.dtype,
-            options=dict(self.options), storage_options=dict(storage_options or {}),
+            backend=self.backend,
+            variant=self.variant,
+            weights=dict(self.weights),
+            dtype=self.dtype,
+            options=dict(self.options),
+            storage_options=dict(storage_options or {}),
         )
 
 
@@ -137,16 +141,20 @@ class Runtime(_Strict):
         default=1800.0, gt=0, description="Abort if no replica is ready (placed and loaded) for this long"
     )
     node_loss_grace_s: float = Field(
-        default=120.0, gt=0,
+        default=120.0,
+        gt=0,
         description="How long an unreachable replica is probed before it counts as lost with its node",
     )
     max_failed_fraction: float = Field(
-        default=0.5, ge=0, le=1,
+        default=0.5,
+        ge=0,
+        le=1,
         description="farm run exits 4 (Ray Jobs: FAILED) when more than this fraction of the rows this run "
         "recorded failed (skipped rows do not count)",
     )
     lease_ttl_s: float = Field(
-        default=120.0, ge=5,
+        default=120.0,
+        ge=5,
         description="The output lease: a run that stops renewing it for this long can be taken over by another",
     )
     inject_faults: dict[Literal["crash", "hang", "oom", "delay"], dict[str, float]] = Field(

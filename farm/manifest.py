@@ -167,9 +167,7 @@ class Manifest:
         names = set(self.schema.names)
         missing = [c for c in self.required if c not in names]
         if missing:
-            raise ManifestError(
-                f"manifest {self.uri!r} lacks required column(s) {missing}; it has {sorted(names)}"
-            )
+            raise ManifestError(f"manifest {self.uri!r} lacks required column(s) {missing}; it has {sorted(names)}")
         for col in ("id", "portrait", "prompt", "negative_prompt", "video"):
             if col in names and not _is_string(self.schema.field(col).type):
                 raise ManifestError(f"manifest column {col!r} must be string, got {self.schema.field(col).type}")

@@ -26,8 +26,9 @@ def status_text(output: str, storage_options: dict[str, Any] | None = None) -> s
     lines = [f"output: {output}"]
     if meta:
         model = meta.get("model", {})
-        lines.append(f"job: {meta.get('name')}  model: {model.get('description')}  fingerprint: "
-                     f"{model.get('fingerprint')}")
+        lines.append(
+            f"job: {meta.get('name')}  model: {model.get('description')}  fingerprint: {model.get('fingerprint')}"
+        )
     lines.append(f"records: {table.num_rows}")
     if table.num_rows:
         for status, count in _counts(table.column("status")):
@@ -43,8 +44,10 @@ def status_text(output: str, storage_options: dict[str, Any] | None = None) -> s
         elapsed = run.get("elapsed_s")
         done = sum(v for k, v in run.get("counts", {}).items() if ":" not in k)
         rate = f"{done / elapsed * 3600:.0f} rows/h" if elapsed else "-"
-        lines.append(f"run {run.get('run_id')}: {run.get('status')}  rows: {done}  elapsed: {elapsed}s  {rate}  "
-                     f"replicas: {run.get('replicas')}  restarts: {run.get('replica_restarts')}")
+        lines.append(
+            f"run {run.get('run_id')}: {run.get('status')}  rows: {done}  elapsed: {elapsed}s  {rate}  "
+            f"replicas: {run.get('replicas')}  restarts: {run.get('replica_restarts')}"
+        )
     holder = OutputLease(layout, storage_options, run_id="farm-status").read()
     if holder:
         lines.append(f"lease: {describe_holder(holder, time.time())}")

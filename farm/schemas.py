@@ -24,8 +24,12 @@ def manifest_schema() -> dict[str, Any]:
         "portrait": {"type": "string", "minLength": 1, "description": "Local path, fsspec URI or pkg://package/path"},
         "prompt": {"type": "string", "minLength": 1, "pattern": "\\S"},
         "negative_prompt": {"type": ["string", "null"], "description": "null = job/backend default"},
-        "seed": {"type": ["integer", "null"], "minimum": SEED_RANGE[0], "maximum": SEED_RANGE[1],
-                 "description": "null = derived from the job seed and the id"},
+        "seed": {
+            "type": ["integer", "null"],
+            "minimum": SEED_RANGE[0],
+            "maximum": SEED_RANGE[1],
+            "description": "null = derived from the job seed and the id",
+        },
         "rights_confirmed": {"type": ["boolean", "null"], "description": "false -> the row is skipped"},
     }
     for name in SAMPLING_FIELDS:

@@ -82,9 +82,17 @@ def score_manifest(
                 bar.update(1)
                 continue
             if error is not None:
-                commit(row, {"id": key, "status": Status.FAILED.value, "error_code": error.code.value,
-                             "error_message": error.message, "portrait": row.get("portrait"),
-                             "video": row.get("video")})
+                commit(
+                    row,
+                    {
+                        "id": key,
+                        "status": Status.FAILED.value,
+                        "error_code": error.code.value,
+                        "error_message": error.message,
+                        "portrait": row.get("portrait"),
+                        "video": row.get("video"),
+                    },
+                )
                 continue
             chunk.append(row)
             if len(chunk) == CHUNK_ROWS:
@@ -96,8 +104,9 @@ def score_manifest(
     settings = {"k": frames, "strict": strict, "min_face_size": min_face_size}
     bar = tqdm(total=manifest.num_rows, unit="video", disable=not progress, mininterval=0.5)
     try:
-        with ProcessPoolExecutor(max(1, workers), initializer=_init_worker,
-                                 initargs=(recognizer, pack, options, settings)) as pool:
+        with ProcessPoolExecutor(
+            max(1, workers), initializer=_init_worker, initargs=(recognizer, pack, options, settings)
+        ) as pool:
             inflight: dict[Future[list[dict[str, Any]]], tuple[dict[str, Any], ...]] = {}
             chunks = pending()
             exhausted = False

@@ -90,7 +90,9 @@ class RowProcessor:
             from farm.identity.recognizer import build_recognizer
 
             self.recognizer = build_recognizer(
-                job.identity.recognizer, job.identity.pack, storage_options=job.storage_options,
+                job.identity.recognizer,
+                job.identity.pack,
+                storage_options=job.storage_options,
                 **job.identity.options,
             )
         self.portraits = LRU(cache_size)

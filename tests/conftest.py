@@ -27,8 +27,14 @@ def ray_cluster() -> Iterator[Any]:
 
     if not ray.is_initialized():
         # address="local": a new cluster even while another one (a multi-node test's) is registered on the machine
-        ray.init(address="local", num_cpus=2, num_gpus=FAKE_GPUS, include_dashboard=False, logging_level="ERROR",
-                 log_to_driver=False)
+        ray.init(
+            address="local",
+            num_cpus=2,
+            num_gpus=FAKE_GPUS,
+            include_dashboard=False,
+            logging_level="ERROR",
+            log_to_driver=False,
+        )
     yield ray
     ray.shutdown()
 

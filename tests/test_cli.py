@@ -18,8 +18,13 @@ from tests.helpers import ASTRONAUT, SIX_FACES, TOM_HANKS, rows, write_manifest
 
 
 def _job(tmp_path: Path, manifest: str, **extra) -> Path:
-    spec = {"manifest": manifest, "output": str(tmp_path / "out"), "model": {"backend": "still"},
-            "identity": {"enabled": False}, **extra}
+    spec = {
+        "manifest": manifest,
+        "output": str(tmp_path / "out"),
+        "model": {"backend": "still"},
+        "identity": {"enabled": False},
+        **extra,
+    }
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path
@@ -103,8 +108,12 @@ def test_score_is_resumable_and_scores_real_faces(tmp_path: Path, capsys: pytest
 def test_status_and_results_export(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     data = [{"id": "a", "portrait": SIX_FACES, "video": str(tmp_path / "none.mp4")}]
     out = str(tmp_path / "scores")
-    assert main(["score", write_manifest(tmp_path / "m.parquet", data), "--output", out, "--no-progress",
-                 "--workers", "1"]) == 0
+    assert (
+        main(
+            ["score", write_manifest(tmp_path / "m.parquet", data), "--output", out, "--no-progress", "--workers", "1"]
+        )
+        == 0
+    )
     capsys.readouterr()
     assert main(["status", out]) == 0
     text = capsys.readouterr().out
@@ -121,12 +130,16 @@ def test_status_and_results_export(tmp_path: Path, capsys: pytest.CaptureFixture
 
 def test_schemas_command_writes_files(tmp_path: Path) -> None:
     assert main(["schemas", "--dir", str(tmp_path)]) == 0
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["job.schema.json", "manifest.schema.json",
-                                                          "result.schema.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "job.schema.json",
+        "manifest.schema.json",
+        "result.schema.json",
+    ]
 
 
-def test_status_and_exports_survive_nested_and_extreme_values(tmp_path: Path,
-                                                               capsys: pytest.CaptureFixture[str]) -> None:
+def test_status_and_exports_survive_nested_and_extreme_values(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """Scored-only outputs (no generate_s), nested carried columns and a timestamp past year 9999."""
     import datetime as dt
 
@@ -136,8 +149,13 @@ def test_status_and_exports_survive_nested_and_extreme_values(tmp_path: Path,
 
     schema = result_schema(pa.schema([("tags", pa.list_(pa.string())), ("far", pa.timestamp("ms"))]))
     now = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
-    table = pa.Table.from_pylist([{"id": "a", "status": "ok", "committed_at": now, "tags": ["x", "y"]},
-                                  {"id": "b", "status": "ok", "committed_at": now}], schema=schema)
+    table = pa.Table.from_pylist(
+        [
+            {"id": "a", "status": "ok", "committed_at": now, "tags": ["x", "y"]},
+            {"id": "b", "status": "ok", "committed_at": now},
+        ],
+        schema=schema,
+    )
     far = pa.array([300_000_000_000_000, None], pa.timestamp("ms"))  # beyond datetime's range
     table = table.set_column(schema.get_field_index("far"), "far", far)
     layout = OutputLayout(str(tmp_path / "out"))
@@ -159,15 +177,27 @@ def test_compare_joins_outputs_by_id(tmp_path: Path, capsys: pytest.CaptureFixtu
 
     now = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
     lynx, still = OutputLayout(str(tmp_path / "lynx")), OutputLayout(str(tmp_path / "still"))
-    write_part(lynx, "r", 0, [
-        {"id": "a", "status": "ok", "identity_mean": 0.6, "face_rate": 1.0, "committed_at": now},
-        {"id": "b", "status": "ok", "identity_mean": None, "face_rate": 0.0, "committed_at": now},
-        {"id": "c", "status": "failed", "error_code": "no_face", "committed_at": now},
-    ], result_schema())
-    write_part(still, "r", 0, [
-        {"id": "a", "status": "ok", "identity_mean": 0.8, "face_rate": 1.0, "committed_at": now},
-        {"id": "b", "status": "ok", "identity_mean": 0.9, "face_rate": 1.0, "committed_at": now},
-    ], result_schema())
+    write_part(
+        lynx,
+        "r",
+        0,
+        [
+            {"id": "a", "status": "ok", "identity_mean": 0.6, "face_rate": 1.0, "committed_at": now},
+            {"id": "b", "status": "ok", "identity_mean": None, "face_rate": 0.0, "committed_at": now},
+            {"id": "c", "status": "failed", "error_code": "no_face", "committed_at": now},
+        ],
+        result_schema(),
+    )
+    write_part(
+        still,
+        "r",
+        0,
+        [
+            {"id": "a", "status": "ok", "identity_mean": 0.8, "face_rate": 1.0, "committed_at": now},
+            {"id": "b", "status": "ok", "identity_mean": 0.9, "face_rate": 1.0, "committed_at": now},
+        ],
+        result_schema(),
+    )
     target = tmp_path / "cmp.csv"
     assert main(["compare", lynx.root, still.root, "--to", str(target)]) == 0
     out = capsys.readouterr().out

@@ -16,15 +16,29 @@ def _imported_after(module: str) -> set[str]:
 
 @pytest.mark.parametrize(
     "module",
-    ["farm.config", "farm.manifest", "farm.storage", "farm.video", "farm.results", "farm.validate", "farm.worker",
-     "farm.scoring", "farm.report", "farm.cli", "farm.identity.recognizer", "farm.models.still", "farm.lease",
-     "farm.runtime.scheduler"],
+    [
+        "farm.config",
+        "farm.manifest",
+        "farm.storage",
+        "farm.video",
+        "farm.results",
+        "farm.validate",
+        "farm.worker",
+        "farm.scoring",
+        "farm.report",
+        "farm.cli",
+        "farm.identity.recognizer",
+        "farm.models.still",
+        "farm.lease",
+        "farm.runtime.scheduler",
+    ],
 )
 def test_no_ray_outside_runtime(module: str) -> None:
     assert "ray" not in _imported_after(module)
 
 
-@pytest.mark.parametrize("module", ["farm.config", "farm.manifest", "farm.storage", "farm.video", "farm.results",
-                                    "farm.cli", "farm.worker"])
+@pytest.mark.parametrize(
+    "module", ["farm.config", "farm.manifest", "farm.storage", "farm.video", "farm.results", "farm.cli", "farm.worker"]
+)
 def test_no_torch_below_models(module: str) -> None:
     assert "torch" not in _imported_after(module)

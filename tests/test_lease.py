@@ -327,8 +327,10 @@ def test_a_lease_of_a_dead_process_on_this_host_is_taken_over_at_once(tmp_path) 
     from farm.lease import OutputLease
 
     out = str(tmp_path / "out")
-    code = (f"from farm.lease import OutputLease; OutputLease({out!r}, run_id='dead', ttl_s=600).acquire(); "
-            "import os; os._exit(0)")
+    code = (
+        f"from farm.lease import OutputLease; OutputLease({out!r}, run_id='dead', ttl_s=600).acquire(); "
+        "import os; os._exit(0)"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
     holder = OutputLease(out, run_id="probe").read()
     assert holder["run_id"] == "dead" and holder["expires_at"] > holder["acquired_at"] + 500

@@ -58,8 +58,9 @@ def _invalid_utf8(values: list[bytes]) -> pa.Array:
     for v in values:
         offsets.append(offsets[-1] + len(v))
     return pa.Array.from_buffers(
-        pa.string(), len(values), [None, pa.py_buffer(pa.array(offsets, pa.int32()).buffers()[1]),
-                                   pa.py_buffer(b"".join(values))],
+        pa.string(),
+        len(values),
+        [None, pa.py_buffer(pa.array(offsets, pa.int32()).buffers()[1]), pa.py_buffer(b"".join(values))],
     )
 
 
@@ -74,9 +75,9 @@ def test_lookalike_ids_unicode_prompts_and_huge_prompts(tmp_path: Path) -> None:
     good = [".", "..", "-", "_", "x" * 128, "Abc", "abc", "ABC"]
     huge = "🦊 مرحبا \u202eevil\u202c \x00 " + "é" * 50_000  # ~100 KB of UTF-8
     prompts = [huge if i == 0 else "ok" for i in range(len(bad + good))]
-    manifest = write_manifest(tmp_path / "m.parquet", [
-        {"id": i, "portrait": ASTRONAUT, "prompt": p} for i, p in zip(bad + good, prompts)
-    ])
+    manifest = write_manifest(
+        tmp_path / "m.parquet", [{"id": i, "portrait": ASTRONAUT, "prompt": p} for i, p in zip(bad + good, prompts)]
+    )
     got = {r["id"]: _outcome(r) for r in Manifest(manifest).rows()}
     assert {i: got[i] for i in bad} == dict.fromkeys(bad, ErrorCode.BAD_ID)
     assert all(got[i].id == i for i in good)
@@ -97,8 +98,10 @@ def test_lookalike_ids_unicode_prompts_and_huge_prompts(tmp_path: Path) -> None:
     ("column", "expected"),
     [
         # string column: digit strings are exact (no float rounding above 2**53); blank is not a number
-        (pa.array(["7", " 8 ", str(INT64_MAX), "12345678901234567", "1e3", "-1", "abc", "", None]),
-         [7, 8, INT64_MAX, 12345678901234567, 1000, "bad", "bad", "bad", "derived"]),
+        (
+            pa.array(["7", " 8 ", str(INT64_MAX), "12345678901234567", "1e3", "-1", "abc", "", None]),
+            [7, 8, INT64_MAX, 12345678901234567, 1000, "bad", "bad", "bad", "derived"],
+        ),
         # float column: NaN is a missing value (pandas writes None as NaN), fractions and huge values are not seeds
         (pa.array([5.0, 5.5, float("nan"), 1e30, -0.0, float("inf")]), [5, "bad", "derived", "bad", 0, "bad"]),
         (pa.array([INT64_MAX, -1, -(2**63), None], pa.int64()), [INT64_MAX, "bad", "bad", "derived"]),
@@ -134,10 +137,16 @@ def test_params_as_strings_and_nan_floats(tmp_path: Path) -> None:
         height=pa.array(["64", " 64 ", "sixty", "", None, None, None, None]),
         guidance_scale=pa.array([None, None, None, None, None, "nan", "inf", "1e1"]),
     )
-    floats = _table(["fnan", "f64", "frac", "gi_nan"], height=pa.array([float("nan"), 64.0, 64.5, None]),
-                    guidance_scale_i=pa.array([None, None, None, float("nan")]))
-    got = {r["id"]: _outcome(r) for t, name in ((table, "a"), (floats, "b"))
-           for r in Manifest(_write(tmp_path / f"{name}.parquet", t)).rows()}
+    floats = _table(
+        ["fnan", "f64", "frac", "gi_nan"],
+        height=pa.array([float("nan"), 64.0, 64.5, None]),
+        guidance_scale_i=pa.array([None, None, None, float("nan")]),
+    )
+    got = {
+        r["id"]: _outcome(r)
+        for t, name in ((table, "a"), (floats, "b"))
+        for r in Manifest(_write(tmp_path / f"{name}.parquet", t)).rows()
+    }
     assert got["s64"].params.height == got["pad"].params.height == got["f64"].params.height == 64
     assert got["g1e1"].params.guidance_scale == 10.0
     assert got["null"].params.height == got["fnan"].params.height == DEFAULTS.params.height
@@ -155,8 +164,13 @@ def test_null_portrait_null_typed_columns_and_invalid_utf8(tmp_path: Path) -> No
     the reader: it reads as U+FFFD, so such an id is ``bad_id`` and such a prompt ``bad_param``."""
     portraits = _table(["np", "bp"], portrait=pa.array([None, "  "], pa.string()))
     nulls = pa.table({"id": pa.nulls(2), "portrait": pa.array([ASTRONAUT] * 2), "prompt": pa.nulls(2)})
-    utf = pa.table({"id": _invalid_utf8([b"ok", b"\xff\xfeid", b"p2"]), "portrait": pa.array([ASTRONAUT] * 3),
-                    "prompt": _invalid_utf8([b"fine", b"p", b"bad \xc3("])})
+    utf = pa.table(
+        {
+            "id": _invalid_utf8([b"ok", b"\xff\xfeid", b"p2"]),
+            "portrait": pa.array([ASTRONAUT] * 3),
+            "prompt": _invalid_utf8([b"fine", b"p", b"bad \xc3("]),
+        }
+    )
     a = list(Manifest(_write(tmp_path / "a.parquet", portraits)).rows())
     assert [_outcome(r) for r in a] == [ErrorCode.MISSING_PORTRAIT] * 2
     n = Manifest(_write(tmp_path / "n.parquet", nulls))
@@ -215,16 +229,24 @@ def test_dictionary_and_large_string_columns(tmp_path: Path) -> None:
     """Dictionary encoding (pandas categoricals) and ``large_string`` are storage details: such ``id``, ``portrait``,
     ``prompt`` columns are strings, also when another file stores the same column plainly. A carried dictionary
     column comes back as its plain value type with the same values."""
-    _write(tmp_path / "a.parquet", pa.table({
-        "id": pa.array(["a", "b"]).dictionary_encode(),
-        "portrait": pa.array([ASTRONAUT] * 2).dictionary_encode(),
-        "prompt": pa.array(["p", "q"], pa.large_string()),
-        "lang": pa.array(["en", "fr"]).dictionary_encode(),
-    }))
+    _write(
+        tmp_path / "a.parquet",
+        pa.table(
+            {
+                "id": pa.array(["a", "b"]).dictionary_encode(),
+                "portrait": pa.array([ASTRONAUT] * 2).dictionary_encode(),
+                "prompt": pa.array(["p", "q"], pa.large_string()),
+                "lang": pa.array(["en", "fr"]).dictionary_encode(),
+            }
+        ),
+    )
     _write(tmp_path / "b.parquet", _table(["c"], lang=pa.array(["de"], pa.large_string())))
     m = Manifest(str(tmp_path))
-    assert [(_outcome(r).id, r["prompt"], r["lang"]) for r in m.rows()] == [("a", "p", "en"), ("b", "q", "fr"),
-                                                                            ("c", "p", "de")]
+    assert [(_outcome(r).id, r["prompt"], r["lang"]) for r in m.rows()] == [
+        ("a", "p", "en"),
+        ("b", "q", "fr"),
+        ("c", "p", "de"),
+    ]
     assert m.schema.field("lang").type == pa.large_string()
 
 
@@ -265,8 +287,10 @@ def test_corrupt_data_pages(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     ``ManifestError`` naming the file (``farm validate`` reads everything, so it exits 2 before any run)."""
     good = _write(tmp_path / "m" / "a.parquet", _table(["a"]))
     n = 3000
-    path = _write(tmp_path / "m" / "b.parquet", _table([f"r{i}" for i in range(n)],
-                                                     text=[f"some text {i} " * 4 for i in range(n)]))
+    path = _write(
+        tmp_path / "m" / "b.parquet",
+        _table([f"r{i}" for i in range(n)], text=[f"some text {i} " * 4 for i in range(n)]),
+    )
     raw = bytearray(Path(path).read_bytes())
     for i in range(64, len(raw) // 2):
         raw[i] ^= 0x5A
@@ -308,8 +332,10 @@ def test_schema_conflicts_name_the_files_and_columns(tmp_path: Path) -> None:
     _write(tmp_path / "tz" / "b.parquet", _table(["b"], when=pa.array([utc], pa.timestamp("us", tz="Asia/Tokyo"))))
     with pytest.raises(ManifestError, match=r"disagree.*b\.parquet.*a\.parquet.*when"):
         Manifest(str(tmp_path / "tz"))
-    twice = pa.Table.from_arrays([pa.array(["a"]), pa.array([ASTRONAUT]), pa.array(["p"]), pa.array([1]),
-                                  pa.array([2])], names=["id", "portrait", "prompt", "x", "x"])
+    twice = pa.Table.from_arrays(
+        [pa.array(["a"]), pa.array([ASTRONAUT]), pa.array(["p"]), pa.array([1]), pa.array([2])],
+        names=["id", "portrait", "prompt", "x", "x"],
+    )
     with pytest.raises(ManifestError, match=r"column\(s\) \['x'\] more than once"):
         Manifest(_write(tmp_path / "twice.parquet", twice))
     _write(tmp_path / "ok" / "a.parquet", _table(["a"], n=pa.array([1], pa.int32())))
@@ -323,8 +349,9 @@ def _carried_table(n: int) -> dict[str, pa.Array]:
     paris = dt.datetime(2024, 3, 31, 2, 30, tzinfo=dt.timezone.utc)
     return {
         "tags": pa.array([["a", "b"], [], None][:n], pa.list_(pa.string())),
-        "meta": pa.array([{"k": 1, "v": "x"}, None, {"k": None, "v": "y"}][:n],
-                         pa.struct([("k", pa.int64()), ("v", pa.string())])),
+        "meta": pa.array(
+            [{"k": 1, "v": "x"}, None, {"k": None, "v": "y"}][:n], pa.struct([("k", pa.int64()), ("v", pa.string())])
+        ),
         "attrs": pa.array([[("a", 1)], None, []][:n], pa.map_(pa.string(), pa.int64())),
         "when": pa.array([paris, None, paris][:n], pa.timestamp("us", tz="Europe/Paris")),
         "far": far,
@@ -367,8 +394,9 @@ def test_nested_and_reserved_name_columns_carried_through(tmp_path: Path) -> Non
     encoding is the only thing dropped. A column named like a result column (``status``, ``video``, ``attempts``,
     ``committed_at``, ...) is carried as ``input_<name>``. Rows of every outcome keep their carried values."""
     carried = _carried_table(3)
-    table = pa.table({"id": ["ok", "bad id", "big"], "portrait": [ASTRONAUT] * 3,
-                      "prompt": ["p", "p", "🦊" * 25_000], **carried})
+    table = pa.table(
+        {"id": ["ok", "bad id", "big"], "portrait": [ASTRONAUT] * 3, "prompt": ["p", "p", "🦊" * 25_000], **carried}
+    )
     m = Manifest(_write(tmp_path / "m.parquet", table, row_group_size=2), batch_rows=2)
     assert m.extra_columns == list(carried)
     got = _run_without_ray(m, tmp_path / "out")
@@ -423,8 +451,16 @@ def test_results_survive_an_edited_manifest_between_runs(tmp_path: Path) -> None
 
 def _job_yaml(tmp_path: Path, manifest: str) -> Path:
     path = tmp_path / "job.yaml"
-    path.write_text(yaml.safe_dump({"manifest": manifest, "output": str(tmp_path / "out"),
-                                    "model": {"backend": "still"}, "identity": {"enabled": False}}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "manifest": manifest,
+                "output": str(tmp_path / "out"),
+                "model": {"backend": "still"},
+                "identity": {"enabled": False},
+            }
+        )
+    )
     return path
 
 
@@ -440,8 +476,10 @@ def test_cli_exit_codes_for_nasty_manifests(tmp_path: Path, capsys: pytest.Captu
     bad = write_manifest(tmp_path / "bad.parquet", rows(2) + [{"id": "..", "portrait": None, "prompt": "p"}])
     assert main(["validate", str(job), "--manifest", bad]) == 1
     assert any(line.split() == ["missing_portrait", "1"] for line in capsys.readouterr().out.splitlines())
-    nested = _write(tmp_path / "nested.parquet", pa.table({"id": ["a", "b", "c"], "portrait": [ASTRONAUT] * 3,
-                                                           "prompt": ["p"] * 3, **_carried_table(3)}))
+    nested = _write(
+        tmp_path / "nested.parquet",
+        pa.table({"id": ["a", "b", "c"], "portrait": [ASTRONAUT] * 3, "prompt": ["p"] * 3, **_carried_table(3)}),
+    )
     assert main(["validate", str(job), "--manifest", nested]) == 0
     assert "carried-through columns: tags, meta" in capsys.readouterr().out
 

@@ -72,8 +72,11 @@ def test_load_job_with_cli_overrides(tmp_path: Path) -> None:
     spec = tmp_path / "job.yaml"
     spec.write_text("manifest: a.parquet\noutput: out\nmodel: {backend: still}\nresources: {replicas: 2}\n")
     job = load_job(spec, {"manifest": "b.parquet", "output": None, "resources.replicas": 3})
-    assert (job.manifest, job.output, job.resources.replicas) == (os.path.abspath("b.parquet"),
-                                                                   os.path.abspath("out"), 3)
+    assert (job.manifest, job.output, job.resources.replicas) == (
+        os.path.abspath("b.parquet"),
+        os.path.abspath("out"),
+        3,
+    )
     spec.write_text("- not a mapping\n")
     with pytest.raises(SpecError, match="expected a mapping"):
         load_job(spec)
@@ -102,8 +105,11 @@ def test_relative_local_paths_are_made_absolute_against_the_command_directory(
     monkeypatch.chdir(tmp_path)
     job = load_job(spec)
     assert job.manifest == str(tmp_path / "m.parquet") and job.output == str(tmp_path / "out")
-    assert job.model.weights == {"base": str(tmp_path / "w" / "base"), "adapter": "s3://b/a",
-                                 "face_pack": "pkg://insightface/x"}
+    assert job.model.weights == {
+        "base": str(tmp_path / "w" / "base"),
+        "adapter": "s3://b/a",
+        "face_pack": "pkg://insightface/x",
+    }
     assert job.identity.pack == str(tmp_path.parent / "packs" / "p")
 
 

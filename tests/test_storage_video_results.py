@@ -59,10 +59,16 @@ def test_results_one_record_per_id_newest_wins(tmp_path: Path) -> None:
     layout = OutputLayout(str(tmp_path))
     schema = result_schema(pa.schema([("lang", pa.string()), ("status", pa.int64())]))
     t0 = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
-    write_part(layout, "r1", 0, [
-        {"id": "a", "status": "failed", "committed_at": t0, "lang": "en", "input_status": 3},
-        {"id": "b", "status": "ok", "committed_at": t0, "lang": "de"},
-    ], schema)
+    write_part(
+        layout,
+        "r1",
+        0,
+        [
+            {"id": "a", "status": "failed", "committed_at": t0, "lang": "en", "input_status": 3},
+            {"id": "b", "status": "ok", "committed_at": t0, "lang": "de"},
+        ],
+        schema,
+    )
     write_part(layout, "r2", 0, [{"id": "a", "status": "ok", "committed_at": t0 + dt.timedelta(seconds=1)}], schema)
     assert committed_ids(layout) == {"a", "b"}
     table = read_results(layout)

@@ -20,8 +20,12 @@ def processor(tmp_path: Path) -> RowProcessor:
 
 def _task(processor: RowProcessor, row: dict) -> dict:
     params, negative = backend_defaults(processor.job)
-    return {"request": resolve_row(row, RowDefaults(params, negative, 0)), "portrait": row["portrait"],
-            "dispatched_at": 0.0, "dispatch": 1}
+    return {
+        "request": resolve_row(row, RowDefaults(params, negative, 0)),
+        "portrait": row["portrait"],
+        "dispatched_at": 0.0,
+        "dispatch": 1,
+    }
 
 
 def test_transient_fetch_error_is_retried_not_cached(processor: RowProcessor, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -42,8 +46,9 @@ def test_transient_fetch_error_is_retried_not_cached(processor: RowProcessor, mo
     assert second["status"] == "ok" and Path(second["video"]).is_file()
 
 
-def test_bad_image_is_a_row_error_and_portrait_work_is_cached(processor: RowProcessor, tmp_path: Path,
-                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bad_image_is_a_row_error_and_portrait_work_is_cached(
+    processor: RowProcessor, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     junk = tmp_path / "junk.png"
     junk.write_bytes(b"\x89PNG not really")
     bad = processor.process(_task(processor, {**rows(1)[0], "portrait": str(junk)}))
@@ -62,7 +67,10 @@ def test_bad_image_is_a_row_error_and_portrait_work_is_cached(processor: RowProc
 
 
 def test_identity_options_reach_the_recognizer(tmp_path: Path) -> None:
-    job = still_job(write_manifest(tmp_path / "m.parquet", rows(1)), str(tmp_path / "out"),
-                    identity={"enabled": True, "recognizer": "dlib", "options": {"upsample": 1, "min_score": 0.3}})
+    job = still_job(
+        write_manifest(tmp_path / "m.parquet", rows(1)),
+        str(tmp_path / "out"),
+        identity={"enabled": True, "recognizer": "dlib", "options": {"upsample": 1, "min_score": 0.3}},
+    )
     processor = RowProcessor(job)
     assert processor.recognizer.detector.upsample == 1 and processor.recognizer.detector.min_score == 0.3

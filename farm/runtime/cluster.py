@@ -91,8 +91,9 @@ def _kuberay_max_gpus() -> float | None:
         ray_cr = KubernetesHttpApiClient(namespace).get(f"rayclusters/{name}")
         return gpus_in_launcher_config(_derive_autoscaling_config_from_ray_cr(ray_cr))
     except Exception as exc:  # noqa: BLE001 - no API access (RBAC), no service account: fall back
-        log.warning("cannot read RayCluster %s/%s (%s): replicas: all falls back to other sources", namespace, name,
-                    exc)
+        log.warning(
+            "cannot read RayCluster %s/%s (%s): replicas: all falls back to other sources", namespace, name, exc
+        )
         return None
 
 

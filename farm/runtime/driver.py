@@ -65,8 +65,6 @@ class RunSummary:
         }
 
 
-
-
 def _utcnow() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
@@ -112,8 +110,10 @@ class Driver:
                 log.warning("no GPU in the Ray cluster: replicas run on CPU (%s)", why)
                 gpus = 0.0
             else:
-                log.warning("the Ray cluster has no GPU yet: replicas wait for GPU nodes (the autoscaler is asked); "
-                            "set resources.allow_cpu: true to run on CPU instead")
+                log.warning(
+                    "the Ray cluster has no GPU yet: replicas wait for GPU nodes (the autoscaler is asked); "
+                    "set resources.allow_cpu: true to run on CPU instead"
+                )
         return Ask(gpus=gpus, cpus=cpus)
 
     def _check_output_reachable(self, embedded: bool) -> None:
@@ -195,16 +195,23 @@ class Driver:
             return
         replicas = f"{len(self.pool.ready)}/{self.pool.target}" if self.pool else "-"
         self.bar.set_postfix(
-            ok=self.counts[Status.OK.value], failed=self.counts[Status.FAILED.value],
-            skipped=self.counts[Status.SKIPPED.value], replicas=replicas, refresh=False,
+            ok=self.counts[Status.OK.value],
+            failed=self.counts[Status.FAILED.value],
+            skipped=self.counts[Status.SKIPPED.value],
+            replicas=replicas,
+            refresh=False,
         )
 
     def _payload(self, task: Task) -> dict[str, Any]:
         portrait = task.row["portrait"]
         if isinstance(portrait, str) and is_local(portrait) and "://" not in portrait and not os.path.isabs(portrait):
             portrait = os.path.abspath(portrait)  # replicas run in other working directories (other nodes)
-        return {"request": task.request, "portrait": portrait, "dispatched_at": time.time(),
-                "dispatch": task.dispatches}
+        return {
+            "request": task.request,
+            "portrait": portrait,
+            "dispatched_at": time.time(),
+            "dispatch": task.dispatches,
+        }
 
     # ------------------------------------------------------------------ events
     def _handle_result(self, key: str, task: Task, rec: dict[str, Any]) -> None:
@@ -236,13 +243,16 @@ class Driver:
             return
         if not event.started:
             self.init_failures += 1
-            if (not self.ever_ready and self.init_failures >= 2) or \
-                    self.init_failures > self.job.runtime.max_replica_restarts:
-                raise JobAborted(f"replicas cannot load the model ({self.init_failures} failed starts): "
-                                 f"{event.message}")
+            if (
+                not self.ever_ready and self.init_failures >= 2
+            ) or self.init_failures > self.job.runtime.max_replica_restarts:
+                raise JobAborted(
+                    f"replicas cannot load the model ({self.init_failures} failed starts): {event.message}"
+                )
         elif self.scheduler.crashes > self.job.runtime.max_replica_restarts:
-            raise JobAborted(f"replicas were lost {self.scheduler.crashes} times (max_replica_restarts); "
-                             f"last: {event.message}")
+            raise JobAborted(
+                f"replicas were lost {self.scheduler.crashes} times (max_replica_restarts); last: {event.message}"
+            )
 
     def _on_event(self, event: Any) -> None:
         if isinstance(event, Done):
@@ -260,8 +270,11 @@ class Driver:
     def _kill_late(self) -> None:
         for key, task in self.scheduler.late_replicas():
             self.pool.kill(key)
-            self._on_lost(Lost(key, Loss.TIMEOUT,
-                               f"row {task.id} exceeded row_timeout_s={self.job.runtime.row_timeout_s:g}", True))
+            self._on_lost(
+                Lost(
+                    key, Loss.TIMEOUT, f"row {task.id} exceeded row_timeout_s={self.job.runtime.row_timeout_s:g}", True
+                )
+            )
 
     def _check_start_timeout(self) -> None:
         """No replica ready for runtime.start_timeout_s (none placeable, none loads): stop with the ask."""
@@ -290,12 +303,20 @@ class Driver:
         self.extra_columns = manifest.extra_columns
         schema = results.result_schema(pa.schema([manifest.schema.field(c) for c in self.extra_columns]))
         self.writer = results.ResultWriter(
-            self.layout, schema, job.runtime.commit_every_rows, job.runtime.commit_every_s,
+            self.layout,
+            schema,
+            job.runtime.commit_every_rows,
+            job.runtime.commit_every_s,
             guard=lambda: self.lease.check(),
         )
         self.run_id = self.writer.run_id
-        self.lease = OutputLease(self.layout, job.storage_options, run_id=self.run_id, ttl_s=job.runtime.lease_ttl_s,
-                                 renew_every_s=job.runtime.lease_ttl_s / 4)
+        self.lease = OutputLease(
+            self.layout,
+            job.storage_options,
+            run_id=self.run_id,
+            ttl_s=job.runtime.lease_ttl_s,
+            renew_every_s=job.runtime.lease_ttl_s / 4,
+        )
         self.model_name = build_backend(job.model_spec()).describe()
         embedded = cluster.connect(self.address)
         self._check_output_reachable(embedded)
@@ -308,13 +329,17 @@ class Driver:
 
         self.pool = ReplicaPool(job, self._ask(embedded), job.resources.replicas, self.run_id, embedded)
         self.scheduler = Scheduler(
-            self._row_stream(manifest, defaults, done), cap=job.resources.in_flight_per_replica,
-            max_attempts=job.runtime.max_attempts, row_timeout_s=job.runtime.row_timeout_s, clock=time.monotonic,
+            self._row_stream(manifest, defaults, done),
+            cap=job.resources.in_flight_per_replica,
+            max_attempts=job.runtime.max_attempts,
+            row_timeout_s=job.runtime.row_timeout_s,
+            clock=time.monotonic,
         )
         self.pool.reconcile()
         self._write_job_json(status="running")
-        self.bar = tqdm(total=manifest.num_rows, unit="row", disable=not self.progress, mininterval=0.5,
-                        dynamic_ncols=True)
+        self.bar = tqdm(
+            total=manifest.num_rows, unit="row", disable=not self.progress, mininterval=0.5, dynamic_ncols=True
+        )
         previous = signal.getsignal(signal.SIGTERM)
         if previous is not None and _in_main_thread():
             signal.signal(signal.SIGTERM, _raise_interrupt)
@@ -341,9 +366,14 @@ class Driver:
         if self.bar is not None:
             self.bar.close()
         summary = RunSummary(
-            run_id=self.run_id, counts=self.counts, rows_seen=rows_seen,
-            already_committed=self.already_committed, elapsed_s=time.monotonic() - start,
-            replicas=self.pool.target, replica_restarts=self.scheduler.crashes, busy_fraction=busy,
+            run_id=self.run_id,
+            counts=self.counts,
+            rows_seen=rows_seen,
+            already_committed=self.already_committed,
+            elapsed_s=time.monotonic() - start,
+            replicas=self.pool.target,
+            replica_restarts=self.scheduler.crashes,
+            busy_fraction=busy,
             first_dispatch_s=self.first_dispatch_s,
         )
         if self.lease.lost is None:
@@ -373,8 +403,14 @@ class Driver:
     def _write_job_json(self, status: str, summary: RunSummary | None = None) -> None:
         previous = self.layout.read_json(self.layout.job_json)
         runs = [r for r in previous.get("runs", []) if r.get("run_id") != self.run_id]
-        runs.append({"run_id": self.run_id, "status": status, "updated_at": _utcnow().isoformat(),
-                     **(summary.as_dict() if summary else {})})
+        runs.append(
+            {
+                "run_id": self.run_id,
+                "status": status,
+                "updated_at": _utcnow().isoformat(),
+                **(summary.as_dict() if summary else {}),
+            }
+        )
         payload = {
             "name": self.job.name,
             "farm_version": __version__,
@@ -406,9 +442,7 @@ def _raise_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def run_job(
-    job: JobSpec, progress: bool = True, retry_failed: bool = False, address: str | None = None
-) -> RunSummary:
+def run_job(job: JobSpec, progress: bool = True, retry_failed: bool = False, address: str | None = None) -> RunSummary:
     return Driver(job, progress=progress, retry_failed=retry_failed, address=address).run()
 
 

@@ -189,8 +189,12 @@ class ReplicaPool:
         except ray.exceptions.RayActorError as exc:
             return self._on_actor_error(handle, exc, ticket)
         except Exception as exc:  # noqa: BLE001 - a bug escaped process(): record it and retry elsewhere
-            record = {"status": "failed", "error_code": "generation_error", "error_message": str(exc)[:2000],
-                      "retry": True}
+            record = {
+                "status": "failed",
+                "error_code": "generation_error",
+                "error_message": str(exc)[:2000],
+                "retry": True,
+            }
             return [Done(handle.key, ticket, record)]
 
     def _on_info(self, handle: _Handle) -> list[Any]:
@@ -209,8 +213,12 @@ class ReplicaPool:
                 return []
             handle.probe_ref = handle.actor.ping.remote()
             handle.probe_deadline = time.monotonic() + self.grace_s
-            log.warning("%s is not answering (%s); waiting up to %gs to learn whether its node is gone",
-                        handle.key, _short(exc), self.grace_s)
+            log.warning(
+                "%s is not answering (%s); waiting up to %gs to learn whether its node is gone",
+                handle.key,
+                _short(exc),
+                self.grace_s,
+            )
             return [Paused(handle.key)]
         return [self._lose(handle, self._classify(handle, exc), _short(exc))]
 
@@ -278,8 +286,10 @@ class ReplicaPool:
         """What the pool is waiting for, in words (progress lines and the start-timeout error)."""
         pending = len(self.handles) - len(self.ready)
         have = cluster.resources_now()
-        return (f"{len(self.ready)}/{self.target} replicas ready, {pending} loading or waiting for room "
-                f"(each asks for {self.ask.describe()}; the cluster has {have['GPU']:g} GPU, {have['CPU']:g} CPU)")
+        return (
+            f"{len(self.ready)}/{self.target} replicas ready, {pending} loading or waiting for room "
+            f"(each asks for {self.ask.describe()}; the cluster has {have['GPU']:g} GPU, {have['CPU']:g} CPU)"
+        )
 
     def stats(self) -> list[dict[str, float]]:
         out = []

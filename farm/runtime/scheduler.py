@@ -139,8 +139,11 @@ class Scheduler:
                 task.last_fault = (code, message)
                 task.avoid = key
             if task.charged >= self.max_attempts:
-                finals.append(Final(task, code, f"row was running when its replica was lost {task.charged} times; "
-                                                f"last: {message}"))
+                finals.append(
+                    Final(
+                        task, code, f"row was running when its replica was lost {task.charged} times; last: {message}"
+                    )
+                )
                 continue
             task.suspect = not alone or task.charged > 0
             self.queue.appendleft(task)
@@ -210,8 +213,9 @@ class Scheduler:
                 if replica.inflight:
                     continue
                 replica.reserved = False
-                suspect = self._pop(lambda t, key=replica.key: t.suspect and t.avoid != key) or \
-                    self._pop(lambda t: t.suspect)
+                suspect = self._pop(lambda t, key=replica.key: t.suspect and t.avoid != key) or self._pop(
+                    lambda t: t.suspect
+                )
                 if suspect is not None:
                     replica.solo = True
                     out.append(self._dispatch(replica, suspect))

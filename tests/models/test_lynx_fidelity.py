@@ -58,8 +58,18 @@ def official_frames(tmp_path: Path, variant: str, job: dict, embedding: np.ndarr
     inputs = tmp_path / "inputs.npz"
     np.savez(inputs, embedding=embedding, face=face, job=json.dumps(job))
     out = tmp_path / "official.npy"
-    run_official("--checkpoint", str(tiny_checkpoint()), "--variant", variant, "--inputs", str(inputs),
-                 "--out", str(out), timeout=600, cwd=tmp_path)
+    run_official(
+        "--checkpoint",
+        str(tiny_checkpoint()),
+        "--variant",
+        variant,
+        "--inputs",
+        str(inputs),
+        "--out",
+        str(out),
+        timeout=600,
+        cwd=tmp_path,
+    )
     return np.load(out)
 
 

@@ -42,9 +42,14 @@ def test_the_launcher_config_in_this_repo_scales_to_its_gpus() -> None:
     config = yaml.safe_load((REPO / "cluster.yaml").read_text())
     expected = 0.0
     budget = config.get("max_workers")
-    per_type = sorted(((float(t.get("resources", {}).get("GPU", 0)), int(t.get("max_workers", 0)))
-                       for name, t in config["available_node_types"].items() if name != config["head_node_type"]),
-                      reverse=True)
+    per_type = sorted(
+        (
+            (float(t.get("resources", {}).get("GPU", 0)), int(t.get("max_workers", 0)))
+            for name, t in config["available_node_types"].items()
+            if name != config["head_node_type"]
+        ),
+        reverse=True,
+    )
     for gpus, count in per_type:
         take = count if budget is None else min(count, budget)
         expected += gpus * take
@@ -54,7 +59,8 @@ def test_the_launcher_config_in_this_repo_scales_to_its_gpus() -> None:
 
 def test_launcher_config_sums_largest_nodes_first_within_max_workers() -> None:
     config = {
-        "max_workers": 3, "head_node_type": "head",
+        "max_workers": 3,
+        "head_node_type": "head",
         "available_node_types": {
             "head": {"resources": {"CPU": 8, "GPU": 0}, "max_workers": 0},
             "small": {"resources": {"CPU": 8, "GPU": 1}, "max_workers": 10},
@@ -70,8 +76,17 @@ def test_launcher_config_sums_largest_nodes_first_within_max_workers() -> None:
 
 def test_max_gpus_reads_the_file_named_by_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "bootstrap.yaml"
-    path.write_text(yaml.safe_dump({"head_node_type": "h", "available_node_types": {
-        "h": {"resources": {"GPU": 0}}, "g": {"resources": {"GPU": 4}, "max_workers": 3}}}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "head_node_type": "h",
+                "available_node_types": {
+                    "h": {"resources": {"GPU": 0}},
+                    "g": {"resources": {"GPU": 4}, "max_workers": 3},
+                },
+            }
+        )
+    )
     monkeypatch.setenv("FARM_AUTOSCALER_CONFIG", str(path))
     assert cluster.max_gpus() == 12
     path.write_text(": not yaml [")

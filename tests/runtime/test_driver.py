@@ -54,11 +54,31 @@ def test_bad_rows_become_records_and_good_rows_get_videos(tmp_path: Path) -> Non
     out = str(tmp_path / "out")
     summary = run_job(still_job(manifest, out, resources={"replicas": 2, **FAST}), progress=False)
     recs = _records(out)
-    assert set(recs) == {"row-000", "row-001", "row-002", "dup", "<row 5>", "empty", "range", "missing",
-                         "notimage", "noface", "norights", "<row 12>"}
-    expect = {"dup": "duplicate_id", "<row 5>": "bad_id", "empty": "empty_prompt", "range": "bad_param",
-              "missing": "portrait_unreadable", "notimage": "portrait_unreadable", "noface": "no_face",
-              "<row 12>": "bad_id", "norights": "rights_not_confirmed"}
+    assert set(recs) == {
+        "row-000",
+        "row-001",
+        "row-002",
+        "dup",
+        "<row 5>",
+        "empty",
+        "range",
+        "missing",
+        "notimage",
+        "noface",
+        "norights",
+        "<row 12>",
+    }
+    expect = {
+        "dup": "duplicate_id",
+        "<row 5>": "bad_id",
+        "empty": "empty_prompt",
+        "range": "bad_param",
+        "missing": "portrait_unreadable",
+        "notimage": "portrait_unreadable",
+        "noface": "no_face",
+        "<row 12>": "bad_id",
+        "norights": "rights_not_confirmed",
+    }
     for row_id, code in expect.items():
         assert recs[row_id]["error_code"] == code, (row_id, recs[row_id])
         assert recs[row_id]["video"] is None
@@ -83,8 +103,13 @@ def test_bad_rows_become_records_and_good_rows_get_videos(tmp_path: Path) -> Non
 def test_identity_scored_with_every_video(tmp_path: Path) -> None:
     manifest = write_manifest(tmp_path / "m.parquet", rows(2))
     out = str(tmp_path / "out")
-    job = still_job(manifest, out, identity={"enabled": True, "recognizer": "dlib", "frames": 3},
-                    defaults={"num_frames": 9, "height": 256, "width": 256}, resources={"replicas": 1, **FAST})
+    job = still_job(
+        manifest,
+        out,
+        identity={"enabled": True, "recognizer": "dlib", "frames": 3},
+        defaults={"num_frames": 9, "height": 256, "width": 256},
+        resources={"replicas": 1, **FAST},
+    )
     run_job(job, progress=False)
     recs = _records(out)
     for rec in recs.values():
@@ -101,8 +126,9 @@ def test_replica_killed_mid_row_then_poison_row(tmp_path: Path) -> None:
     manifest = write_manifest(tmp_path / "m.parquet", rows(8))
     out = str(tmp_path / "out")
     faults = {"crash": {"row-002": 1, "row-005": 99}}
-    job = still_job(manifest, out, resources={"replicas": 2, **FAST},
-                    runtime={"inject_faults": faults, "max_attempts": 2})
+    job = still_job(
+        manifest, out, resources={"replicas": 2, **FAST}, runtime={"inject_faults": faults, "max_attempts": 2}
+    )
     summary = run_job(job, progress=False)
     recs = _records(out)
     assert len(recs) == 8
@@ -118,15 +144,22 @@ def test_external_sigkill_of_a_replica(tmp_path: Path) -> None:
 
     manifest = write_manifest(tmp_path / "m.parquet", rows(10))
     out = str(tmp_path / "out")
-    job = still_job(manifest, out, resources={"replicas": 2, **FAST},
-                    runtime={"inject_faults": {"delay": {f"row-{i:03d}": 0.4 for i in range(10)}}})
+    job = still_job(
+        manifest,
+        out,
+        resources={"replicas": 2, **FAST},
+        runtime={"inject_faults": {"delay": {f"row-{i:03d}": 0.4 for i in range(10)}}},
+    )
     killed: list[int] = []
 
     def killer() -> None:
         deadline = time.time() + 60
         while time.time() < deadline and not killed:
-            pids = [p.pid for p in psutil.process_iter(["cmdline"])
-                    if any("ray::Replica" in part for part in (p.info["cmdline"] or []))]
+            pids = [
+                p.pid
+                for p in psutil.process_iter(["cmdline"])
+                if any("ray::Replica" in part for part in (p.info["cmdline"] or []))
+            ]
             if len(pids) == 2 and (tmp_path / "out" / "videos").exists():
                 pid = pids[0]
                 os.kill(pid, signal.SIGKILL)
@@ -148,8 +181,12 @@ def test_hang_becomes_retry_then_timeout(tmp_path: Path) -> None:
     manifest = write_manifest(tmp_path / "m.parquet", rows(4))
     out = str(tmp_path / "out")
     faults = {"hang": {"row-001": 1, "row-003": 99}, "oom": {"row-000": 1}}
-    job = still_job(manifest, out, resources={"replicas": 2, "in_flight_per_replica": 1, **FAST},
-                    runtime={"inject_faults": faults, "max_attempts": 2, "row_timeout_s": 4})
+    job = still_job(
+        manifest,
+        out,
+        resources={"replicas": 2, "in_flight_per_replica": 1, **FAST},
+        runtime={"inject_faults": faults, "max_attempts": 2, "row_timeout_s": 4},
+    )
     run_job(job, progress=False)
     recs = _records(out)
     assert recs["row-000"]["status"] == "ok" and recs["row-000"]["attempts"] == 2  # OOM -> another replica
@@ -168,8 +205,7 @@ def test_s3_end_to_end(s3_bucket: str, s3_endpoint: dict[str, Any], tmp_path: Pa
     with fs.open(f"{s3_bucket}/in/manifest.parquet", "wb") as fh:
         pq.write_table(__import__("pyarrow").Table.from_pylist(data), fh)
     out = f"{s3_bucket}/out"
-    job = still_job(f"{s3_bucket}/in/manifest.parquet", out, storage_options=opts,
-                    resources={"replicas": 1, **FAST})
+    job = still_job(f"{s3_bucket}/in/manifest.parquet", out, storage_options=opts, resources={"replicas": 1, **FAST})
     run_job(job, progress=False)
     recs = _records(out, opts)
     assert len(recs) == 3 and all(r["status"] == "ok" for r in recs.values())
@@ -188,8 +224,12 @@ def test_backend_that_cannot_load_aborts_naming_the_problem(tmp_path: Path) -> N
 
     missing_pack = tmp_path / "no-such-pack"
     manifest = write_manifest(tmp_path / "m.parquet", rows(2))
-    job = still_job(manifest, str(tmp_path / "out"), resources={"replicas": 1, **FAST},
-                    model={"backend": "still", "options": {"recognizer": "insightface", "pack": str(missing_pack)}})
+    job = still_job(
+        manifest,
+        str(tmp_path / "out"),
+        resources={"replicas": 1, **FAST},
+        model={"backend": "still", "options": {"recognizer": "insightface", "pack": str(missing_pack)}},
+    )
     with pytest.raises(JobAborted, match="no-such-pack"):
         run_job(job, progress=False)
     meta = json.loads((tmp_path / "out" / "_job.json").read_text())
@@ -200,8 +240,12 @@ def test_replicas_that_cannot_be_placed_abort_with_the_resource_ask(tmp_path: Pa
     """More CPU per replica than the cluster has: nothing can start, the job says why instead of hanging."""
     from farm.runtime.errors import JobAborted
 
-    job = still_job(write_manifest(tmp_path / "m.parquet", rows(1)), str(tmp_path / "out"),
-                    resources={"replicas": 1, "cpus_per_replica": 64}, runtime={"start_timeout_s": 3})
+    job = still_job(
+        write_manifest(tmp_path / "m.parquet", rows(1)),
+        str(tmp_path / "out"),
+        resources={"replicas": 1, "cpus_per_replica": 64},
+        runtime={"start_timeout_s": 3},
+    )
     with pytest.raises(JobAborted, match="64 CPU"):
         run_job(job, progress=False)
 
@@ -228,12 +272,20 @@ def test_cli_sweep_runs_jobs_in_turn(tmp_path: Path, capsys: pytest.CaptureFixtu
 def test_replica_death_at_the_end_of_the_job_still_records_every_row(tmp_path: Path) -> None:
     """2 replicas; `a` crashes its replica on its first try while `b` keeps the other busy and the stream is empty:
     the rerun of `a` must still be dispatched (it once aborted with 'no replica is running and rows remain')."""
-    manifest = write_manifest(tmp_path / "m.parquet", [
-        {"id": "a", "portrait": ASTRONAUT, "prompt": "p"}, {"id": "b", "portrait": ASTRONAUT, "prompt": "p"},
-    ])
+    manifest = write_manifest(
+        tmp_path / "m.parquet",
+        [
+            {"id": "a", "portrait": ASTRONAUT, "prompt": "p"},
+            {"id": "b", "portrait": ASTRONAUT, "prompt": "p"},
+        ],
+    )
     out = str(tmp_path / "out")
-    job = still_job(manifest, out, resources={"replicas": 2, "in_flight_per_replica": 1, **FAST},
-                    runtime={"inject_faults": {"crash": {"a": 1}, "delay": {"b": 6}}})
+    job = still_job(
+        manifest,
+        out,
+        resources={"replicas": 2, "in_flight_per_replica": 1, **FAST},
+        runtime={"inject_faults": {"crash": {"a": 1}, "delay": {"b": 6}}},
+    )
     summary = run_job(job, progress=False)
     recs = _records(out)
     assert recs["a"]["status"] == "ok" and recs["a"]["attempts"] == 2
@@ -250,14 +302,22 @@ def test_cli_exit_codes_for_failed_rows_and_a_busy_output(tmp_path: Path) -> Non
     spec = tmp_path / "job.yaml"
     job = still_job(manifest, str(tmp_path / "out"), resources={"replicas": 1, **FAST})
     spec.write_text(yaml.safe_dump(job.model_dump(mode="json")))
-    proc = subprocess.run([sys.executable, "-m", "farm.cli", "run", str(spec), "--no-progress"],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "farm.cli", "run", str(spec), "--no-progress"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 4, proc.stderr
     assert "2 of 2 rows failed" in proc.stderr and "max_failed_fraction=0.5" in proc.stderr
     holder = OutputLease(str(tmp_path / "other"), run_id="run-elsewhere", ttl_s=300).acquire()
     try:
-        proc = subprocess.run([sys.executable, "-m", "farm.cli", "run", str(spec), "--no-progress",
-                               "--output", str(tmp_path / "other")], capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(
+            [sys.executable, "-m", "farm.cli", "run", str(spec), "--no-progress", "--output", str(tmp_path / "other")],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert proc.returncode == 5, proc.stderr
         assert "run-elsewhere" in proc.stderr and holder.host in proc.stderr
         assert not (tmp_path / "other" / "results").exists(), "the refused run wrote nothing"

@@ -40,8 +40,10 @@ def cluster() -> Iterator[Any]:
 def _spec(tmp_path: Path, n_rows: int, **sections: Any) -> Path:
     runtime = {"commit_every_rows": 4, "commit_every_s": 0.5, "start_timeout_s": 300, "node_loss_grace_s": 60}
     data: dict[str, Any] = {
-        "name": "elastic", "manifest": write_manifest(tmp_path / "m.parquet", rows(n_rows)),
-        "output": str(tmp_path / "out"), "output_shared": True,  # one machine: every "node" sees tmp_path
+        "name": "elastic",
+        "manifest": write_manifest(tmp_path / "m.parquet", rows(n_rows)),
+        "output": str(tmp_path / "out"),
+        "output_shared": True,  # one machine: every "node" sees tmp_path
         "model": {"backend": "simulated", "options": {"gpu_time_s": 0.4}},
         "identity": {"enabled": False},
         "resources": {"replicas": "all", "gpus_per_replica": 1, "cpus_per_replica": 0.25, "in_flight_per_replica": 2},
@@ -55,8 +57,14 @@ def _spec(tmp_path: Path, n_rows: int, **sections: Any) -> Path:
 
 def _farm(spec: Path, address: str) -> subprocess.Popen:
     env = {**os.environ, "RAY_ADDRESS": address}
-    return subprocess.Popen([sys.executable, "-m", "farm.cli", "run", str(spec), "--no-progress"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "farm.cli", "run", str(spec), "--no-progress"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def _records(out: Path) -> dict[str, dict[str, Any]]:
@@ -71,8 +79,9 @@ def _records(out: Path) -> dict[str, dict[str, Any]]:
 def _wait_for(predicate: Any, proc: subprocess.Popen, timeout_s: float, what: str) -> None:
     deadline = time.time() + timeout_s
     while not predicate():
-        assert proc.poll() is None, f"farm run exited early ({proc.returncode}) while waiting for {what}:\n" + \
-            proc.stdout.read()
+        assert proc.poll() is None, (
+            f"farm run exited early ({proc.returncode}) while waiting for {what}:\n" + proc.stdout.read()
+        )
         assert time.time() < deadline, f"timed out waiting for {what}"
         time.sleep(0.2)
 
@@ -171,18 +180,40 @@ def autoscaling_cluster(tmp_path: Path) -> Iterator[tuple[str, Path, dict[str, s
     ip, port = services.get_node_ip_address(), _free_port()
     temp_dir = Path(tempfile.mkdtemp(prefix="farm-as-", dir="/tmp"))  # short: Ray's socket paths have a length limit
     config = {
-        "cluster_name": "farm-test", "max_workers": 4, "upscaling_speed": 1.0, "idle_timeout_minutes": 5,
-        "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
-                     "disable_launch_config_check": True, "gcs_address": f"{ip}:{port}"},
-        "auth": {}, "docker": {}, "head_node_type": "ray.head.default",
+        "cluster_name": "farm-test",
+        "max_workers": 4,
+        "upscaling_speed": 1.0,
+        "idle_timeout_minutes": 5,
+        "provider": {
+            "type": "fake_multinode",
+            "use_node_id_as_ip": True,
+            "disable_node_updaters": True,
+            "disable_launch_config_check": True,
+            "gcs_address": f"{ip}:{port}",
+        },
+        "auth": {},
+        "docker": {},
+        "head_node_type": "ray.head.default",
         "available_node_types": {
             "ray.head.default": {"resources": {"CPU": 1, "GPU": 0}, "node_config": {}, "max_workers": 0},
             "gpu": {"resources": {"CPU": 1, "GPU": 1}, "node_config": {}, "min_workers": 0, "max_workers": 2},
         },
-        **{key: [] for key in ("initialization_commands", "setup_commands", "head_setup_commands",
-                               "worker_setup_commands", "head_start_ray_commands", "worker_start_ray_commands",
-                               "cluster_synced_files", "rsync_exclude", "rsync_filter")},
-        "file_mounts": {}, "file_mounts_sync_continuously": False,
+        **{
+            key: []
+            for key in (
+                "initialization_commands",
+                "setup_commands",
+                "head_setup_commands",
+                "worker_setup_commands",
+                "head_start_ray_commands",
+                "worker_start_ray_commands",
+                "cluster_synced_files",
+                "rsync_exclude",
+                "rsync_filter",
+            )
+        },
+        "file_mounts": {},
+        "file_mounts_sync_continuously": False,
     }
     path = tmp_path / "autoscaler.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -190,9 +221,23 @@ def autoscaling_cluster(tmp_path: Path) -> Iterator[tuple[str, Path, dict[str, s
     auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     env = {**os.environ, **auth, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
     ray_bin = str(Path(sys.executable).with_name("ray"))
-    subprocess.run([ray_bin, "start", "--head", f"--port={port}", "--num-cpus=1", "--num-gpus=0",
-                    f"--autoscaling-config={path}", f"--temp-dir={temp_dir}", "--include-dashboard=false"],
-                   env=env, check=True, capture_output=True, timeout=120)
+    subprocess.run(
+        [
+            ray_bin,
+            "start",
+            "--head",
+            f"--port={port}",
+            "--num-cpus=1",
+            "--num-gpus=0",
+            f"--autoscaling-config={path}",
+            f"--temp-dir={temp_dir}",
+            "--include-dashboard=false",
+        ],
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     try:
         yield f"{ip}:{port}", temp_dir, auth
     finally:
@@ -214,16 +259,22 @@ def _kill_processes_mentioning(*needles: str) -> None:
 
 
 @pytest.mark.slow
-def test_the_autoscaler_is_asked_for_every_gpu_it_can_add(autoscaling_cluster: tuple[str, Path, dict[str, str]],
-                                                          tmp_path: Path) -> None:
+def test_the_autoscaler_is_asked_for_every_gpu_it_can_add(
+    autoscaling_cluster: tuple[str, Path, dict[str, str]], tmp_path: Path
+) -> None:
     """`replicas: all` on a cluster with 0 GPUs: the farm reads what the autoscaler can scale to (2 GPU nodes), asks
     for both with request_resources, and runs on the nodes the autoscaler brings up."""
     address, temp_dir, auth = autoscaling_cluster
     config = tmp_path / "autoscaler.yaml"
     spec = _spec(tmp_path, 24)
     env = {**os.environ, **auth, "RAY_ADDRESS": address, "FARM_AUTOSCALER_CONFIG": str(config)}
-    proc = subprocess.run([sys.executable, "-m", "farm.cli", "run", str(spec), "--no-progress"], env=env,
-                          capture_output=True, text=True, timeout=400)
+    proc = subprocess.run(
+        [sys.executable, "-m", "farm.cli", "run", str(spec), "--no-progress"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     recs = _records(tmp_path / "out")
     assert len(recs) == 24 and {r["status"] for r in recs.values()} == {"ok"}

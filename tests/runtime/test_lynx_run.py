@@ -24,16 +24,30 @@ def test_lynx_replicas_pinned_to_distinct_fake_gpus(tmp_path: Path) -> None:
     data[1].update(height=32, width=64, seed=3)
     manifest = write_manifest(tmp_path / "m.parquet", data)
     out = str(tmp_path / "out")
-    job = parse_job({
-        "manifest": manifest, "output": out,
-        "model": {"backend": "lynx", "variant": "full",
-                  "weights": {"base": base_dir(), "adapter": adapter_dir("full"),
-                              "face_pack": str(tiny_checkpoint() / "insightface")},
-                  "options": {"face_detector": "dlib"}},
-        "defaults": {"num_frames": 5, "height": 48, "width": 80, "num_inference_steps": 2},
-        "resources": {"replicas": "all", "gpus_per_replica": 1, "cpus_per_replica": 0.25, "in_flight_per_replica": 1},
-        "identity": {"enabled": False},
-    })
+    job = parse_job(
+        {
+            "manifest": manifest,
+            "output": out,
+            "model": {
+                "backend": "lynx",
+                "variant": "full",
+                "weights": {
+                    "base": base_dir(),
+                    "adapter": adapter_dir("full"),
+                    "face_pack": str(tiny_checkpoint() / "insightface"),
+                },
+                "options": {"face_detector": "dlib"},
+            },
+            "defaults": {"num_frames": 5, "height": 48, "width": 80, "num_inference_steps": 2},
+            "resources": {
+                "replicas": "all",
+                "gpus_per_replica": 1,
+                "cpus_per_replica": 0.25,
+                "in_flight_per_replica": 1,
+            },
+            "identity": {"enabled": False},
+        }
+    )
     summary = run_job(job, progress=False)
     assert summary.replicas == FAKE_GPUS and summary.counts["ok"] == 6
     meta = json.loads((tmp_path / "out" / "_job.json").read_text())
@@ -50,4 +64,3 @@ def test_lynx_replicas_pinned_to_distinct_fake_gpus(tmp_path: Path) -> None:
     assert frames.shape == (5, 48, 80, 3) and fps == 16.0
     assert "Lynx" in read_metadata(recs["row-000"]["video"])["comment"]
     assert recs["row-000"]["guidance_scale_i"] == 2.0 and recs["row-000"]["num_inference_steps"] == 2
-

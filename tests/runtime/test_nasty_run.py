@@ -60,29 +60,35 @@ ROWS_B: list[tuple[Any, ...]] = [
 def _write_manifest(root: Path) -> dict[str, dict[str, Any]]:
     """The nasty manifest folder; returns the carried-through values each id must come back with."""
     n = len(ROWS_A)
-    a = pa.table({
-        "id": pa.array([r[0] for r in ROWS_A], pa.string()),
-        "portrait": pa.array([r[4] for r in ROWS_A], pa.string()),
-        "prompt": pa.array([r[3] for r in ROWS_A], pa.string()),
-        "seed": pa.array([r[1] for r in ROWS_A], pa.string()),
-        "height": pa.array([r[2] for r in ROWS_A], pa.string()),
-        "lang": pa.array([f"l{i % 3}" for i in range(n)]).dictionary_encode(),
-        "tags": pa.array([[f"t{i}"] * (i % 3) for i in range(n)], pa.list_(pa.string())),
-        "meta": pa.array([{"k": i, "v": None} for i in range(n)], pa.struct([("k", pa.int64()), ("v", pa.string())])),
-        "status": pa.array([f"mine-{i}" for i in range(n)]),
-        "when": pa.array([WHEN + dt.timedelta(hours=i) for i in range(n)], pa.timestamp("us", tz="Asia/Kolkata")),
-        "price": pa.array([decimal.Decimal(i) / 100 for i in range(n)], pa.decimal128(9, 2)),
-        "blob": pa.array([bytes([i, 255]) for i in range(n)]),
-        "far": pa.array([300_000_000_000_000 + i for i in range(n)], pa.timestamp("ms")),  # beyond year 9999
-    })
-    b = pa.table({
-        "id": [r[0] for r in ROWS_B],
-        "portrait": [r[4] for r in ROWS_B],
-        "prompt": pa.array([r[3] for r in ROWS_B], pa.large_string()),
-        "lang": ["lb", "lb"],
-        "video": ["theirs.mp4", None],
-        "attempts": pa.array([7, 8], pa.int8()),
-    })
+    a = pa.table(
+        {
+            "id": pa.array([r[0] for r in ROWS_A], pa.string()),
+            "portrait": pa.array([r[4] for r in ROWS_A], pa.string()),
+            "prompt": pa.array([r[3] for r in ROWS_A], pa.string()),
+            "seed": pa.array([r[1] for r in ROWS_A], pa.string()),
+            "height": pa.array([r[2] for r in ROWS_A], pa.string()),
+            "lang": pa.array([f"l{i % 3}" for i in range(n)]).dictionary_encode(),
+            "tags": pa.array([[f"t{i}"] * (i % 3) for i in range(n)], pa.list_(pa.string())),
+            "meta": pa.array(
+                [{"k": i, "v": None} for i in range(n)], pa.struct([("k", pa.int64()), ("v", pa.string())])
+            ),
+            "status": pa.array([f"mine-{i}" for i in range(n)]),
+            "when": pa.array([WHEN + dt.timedelta(hours=i) for i in range(n)], pa.timestamp("us", tz="Asia/Kolkata")),
+            "price": pa.array([decimal.Decimal(i) / 100 for i in range(n)], pa.decimal128(9, 2)),
+            "blob": pa.array([bytes([i, 255]) for i in range(n)]),
+            "far": pa.array([300_000_000_000_000 + i for i in range(n)], pa.timestamp("ms")),  # beyond year 9999
+        }
+    )
+    b = pa.table(
+        {
+            "id": [r[0] for r in ROWS_B],
+            "portrait": [r[4] for r in ROWS_B],
+            "prompt": pa.array([r[3] for r in ROWS_B], pa.large_string()),
+            "lang": ["lb", "lb"],
+            "video": ["theirs.mp4", None],
+            "attempts": pa.array([7, 8], pa.int8()),
+        }
+    )
     (root / "_temporary" / "0").mkdir(parents=True)
     pq.write_table(a, root / "a.parquet", row_group_size=4)
     pq.write_table(a, root / "_temporary" / "0" / "a.parquet")  # a writer's leftover copy: must be ignored
@@ -139,8 +145,9 @@ def test_nasty_manifest_end_to_end_and_rerun(tmp_path: Path) -> None:
     assert table.schema.field("price").type == pa.decimal128(9, 2)
 
     # rerun: everything is committed, nothing is redone, still one record per id
-    again = run_job(still_job(str(manifest), str(out), resources={"replicas": 1, "cpus_per_replica": 0.25}),
-                    progress=False)
+    again = run_job(
+        still_job(str(manifest), str(out), resources={"replicas": 1, "cpus_per_replica": 0.25}), progress=False
+    )
     assert again.already_committed == len(ROWS_A) + len(ROWS_B) and sum(again.counts.values()) == 0
     parts = OutputLayout(str(out)).result_parts()
     assert sum(pq.read_metadata(p).num_rows for p in parts) == len(expected)

@@ -22,7 +22,9 @@ pytestmark = pytest.mark.usefixtures("ray_cluster")
 
 def _spec(tmp_path: Path, manifest: str, out: str, delay: float) -> Path:
     job = still_job(
-        manifest, out, name="resume",
+        manifest,
+        out,
+        name="resume",
         resources={"replicas": 2, "cpus_per_replica": 0.25},
         runtime={"commit_every_rows": 2, "inject_faults": {"delay": {f"row-{i:03d}": delay for i in range(40)}}},
     )
@@ -33,8 +35,13 @@ def _spec(tmp_path: Path, manifest: str, out: str, delay: float) -> Path:
 
 def _farm(spec: Path, address: str) -> subprocess.Popen:
     env = {**os.environ, "RAY_ADDRESS": address}
-    return subprocess.Popen([sys.executable, "-m", "farm.cli", "run", str(spec), "--no-progress"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "farm.cli", "run", str(spec), "--no-progress"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
 
 def test_driver_killed_then_rerun(tmp_path: Path) -> None:
