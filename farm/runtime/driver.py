@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import math
 import os
 import signal
 import threading
@@ -72,7 +73,7 @@ def _utcnow() -> dt.datetime:
 class Driver:
     """Runs one job to completion (or until interrupted); rerunning the same job resumes it."""
 
-    RECONCILE_EVERY_S = 5.0
+    RECONCILE_EVERY_S = 2.0  # how often the pool re-reads the cluster (GPU nodes that joined)
 
     def __init__(
         self, job: JobSpec, progress: bool = True, retry_failed: bool = False, address: str | None = None
@@ -261,8 +262,10 @@ class Driver:
             self._on_ready(event)
         elif isinstance(event, Lost):
             self._on_lost(event)
+            self._last_reconcile = -math.inf  # replace it now
         elif isinstance(event, Paused):
             self.scheduler.pause(event.key)
+            self._last_reconcile = -math.inf
         elif isinstance(event, Dropped):
             self.scheduler.requeue(self.scheduler.completed(event.key, event.ticket))
             self.scheduler.resume(event.key)

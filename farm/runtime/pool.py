@@ -119,11 +119,16 @@ class ReplicaPool:
     def reconcile(self) -> None:
         """Grow to the target (new actors wait for room); ask the autoscaler for what is missing."""
         self.target = max(self.target, self._wanted())
-        while len(self.handles) < self.target:
+        while self._counted() < self.target:
             self._start()
         if not self.embedded and self.ask.gpus > 0 and self._asked != self.target:
             cluster.request_bundles([self.ask.bundle()] * self.target)
             self._asked = self.target
+
+    def _counted(self) -> int:
+        """Replicas that count toward the target: an unreachable one (probably on a dead node) is replaced at once;
+        if it answers again the pool runs one over target, which costs nothing but an idle bundle."""
+        return sum(1 for h in self.handles.values() if not h.probe_deadline)
 
     def _wanted(self) -> int:
         if self.fixed_target is not None:
