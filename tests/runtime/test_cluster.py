@@ -130,3 +130,27 @@ def test_an_unreadable_raycluster_falls_back(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setenv("RAY_CLUSTER_NAMESPACE", "default")
     monkeypatch.setenv("FARM_AUTOSCALER_CONFIG", "/nonexistent.yaml")
     assert cluster.max_gpus() is None
+
+
+@pytest.mark.parametrize(
+    ("embedded", "allow_cpu", "gpus"),
+    [(True, False, 0.0), (False, True, 0.0), (False, False, 1.0)],
+    ids=["embedded-local-ray-falls-back", "allow_cpu-falls-back", "joined-cluster-waits-for-gpus"],
+)
+def test_cpu_fallback_only_on_the_embedded_ray_or_when_allowed(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, embedded: bool, allow_cpu: bool, gpus: float
+) -> None:
+    """A GPU job on a cluster with no GPU yet never silently gets a CPU replica on a cluster the user started."""
+    from farm.config import parse_job
+    from farm.runtime.driver import Driver
+
+    monkeypatch.setattr(cluster, "resources_now", lambda: {"CPU": 8.0, "GPU": 0.0})
+    job = parse_job(
+        {
+            "manifest": str(tmp_path / "m.parquet"),
+            "output": str(tmp_path / "out"),
+            "model": {"backend": "simulated"},
+            "resources": {"gpus_per_replica": 1, "allow_cpu": allow_cpu},
+        }
+    )
+    assert Driver(job)._ask(embedded).gpus == gpus
