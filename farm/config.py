@@ -10,6 +10,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from farm import storage
+from farm.faults import RetryPolicy
+from farm.images import ImageLimits
 from farm.models.base import ModelSpec
 from farm.params import SAMPLING_FIELDS, check_field, check_seed, coerce
 
@@ -157,6 +160,24 @@ class Runtime(_Strict):
         ge=5,
         description="The output lease: a run that stops renewing it for this long can be taken over by another",
     )
+    allowed_portrait_roots: list[str] = Field(
+        default_factory=list,
+        description="When set, a portrait outside these prefixes (e.g. s3://bucket/portraits/, pkg://skimage/) is "
+        "bad_param; compared after normalising ('..' cannot escape; local paths resolved with realpath)",
+    )
+    max_portrait_pixels: int = Field(
+        default=40_000_000, ge=1, description="Portraits with more pixels are refused from their header, undecoded"
+    )
+    max_portrait_bytes: int = Field(
+        default=50_000_000, ge=1, description="Portrait files larger than this are refused (reads stop at the limit)"
+    )
+    storage_attempts: int = Field(
+        default=3,
+        ge=1,
+        le=20,
+        description="Tries of a portrait read on infrastructure faults (expired credentials, throttling, 5xx, "
+        "timeouts), with jittered backoff, before the row is handed back to the driver as an infrastructure fault",
+    )
     inject_faults: dict[Literal["crash", "hang", "oom", "delay"], dict[str, float]] = Field(
         default_factory=dict,
         description="Chaos drills and tests only: kind -> {row id: n}. crash/hang/oom hit the row's first n "
@@ -177,13 +198,31 @@ class JobSpec(_Strict):
         "local output on a cluster of several nodes",
     )
     storage_options: dict[str, Any] = Field(
-        default_factory=dict, description="fsspec options for remote URIs (e.g. {endpoint_url: ...} for S3)"
+        default_factory=dict,
+        description="fsspec options per protocol, e.g. {s3: {endpoint_url: ...}, https: {headers: {...}}}. The flat "
+        "form ({endpoint_url: ...}) applies to the output's protocol only (the manifest's when the output is local). "
+        "Default timeouts (connect 10 s, read 60 s) apply unless given here (s3: config_kwargs.connect_timeout / "
+        "read_timeout; http(s): client_kwargs.timeout)",
     )
     model: ModelSection
     defaults: Defaults = Field(default_factory=Defaults)
     resources: Resources = Field(default_factory=Resources)
     identity: Identity = Field(default_factory=Identity)
     runtime: Runtime = Field(default_factory=Runtime)
+
+    @model_validator(mode="after")
+    def _scope_storage_options(self) -> JobSpec:
+        self.storage_options = storage.bind_storage_options(self.storage_options, self.output, self.manifest)
+        return self
+
+    def portrait_policy(self) -> storage.PortraitPolicy:
+        """How replicas read portraits: the ``runtime`` limits, retries and allowed roots."""
+        rt = self.runtime
+        return storage.PortraitPolicy(
+            limits=ImageLimits(max_pixels=rt.max_portrait_pixels, max_bytes=rt.max_portrait_bytes),
+            retry=RetryPolicy(attempts=rt.storage_attempts),
+            allowed_roots=tuple(rt.allowed_portrait_roots),
+        )
 
     def model_spec(self) -> ModelSpec:
         """The model section as the backend sees it, with the job's ``storage_options`` for remote weights."""
@@ -270,6 +309,10 @@ def _absolute_paths(data: dict[str, Any], source: str) -> None:
     identity = data.get("identity")
     if isinstance(identity, dict) and _is_relative_local(identity.get("pack")):
         identity["pack"] = os.path.abspath(identity["pack"])
+    runtime = data.get("runtime")
+    if isinstance(runtime, dict) and isinstance(runtime.get("allowed_portrait_roots"), list):
+        roots = runtime["allowed_portrait_roots"]
+        runtime["allowed_portrait_roots"] = [os.path.abspath(r) if _is_relative_local(r) else r for r in roots]
 
 
 def job_schema() -> dict[str, Any]:

@@ -252,6 +252,7 @@ class RowDefaults:
     negative_prompt: str
     base_seed: int
     require_rights_confirmed: bool = False
+    allowed_portrait_roots: tuple[str, ...] = ()  # runtime.allowed_portrait_roots; empty = any portrait
 
 
 def record_key(raw_id: Any, index: int) -> str:
@@ -308,12 +309,14 @@ def resolve_row(row: dict[str, Any], defaults: RowDefaults) -> GenerationRequest
     """Validate one manifest row and resolve every value that will be used; ``RowError`` says what is wrong.
 
     Rights: ``rights_confirmed == False`` (or null when the job requires confirmation) raises a ``RowError`` with
-    ``RIGHTS_NOT_CONFIRMED``, which the runtime records as ``skipped``.
+    ``RIGHTS_NOT_CONFIRMED``, which the runtime records as ``skipped``. A portrait outside
+    ``defaults.allowed_portrait_roots`` (when set) is ``BAD_PARAM``, so ``farm validate`` and ``farm run`` agree.
     """
     row_id = check_id(row.get("id"))
     portrait = row.get("portrait")
     if not isinstance(portrait, str) or not portrait.strip():
         raise RowError(ErrorCode.MISSING_PORTRAIT, "portrait is empty")
+    storage.check_allowed_root(portrait, defaults.allowed_portrait_roots)
     prompt = row.get("prompt")
     if not isinstance(prompt, str) or not prompt.strip():
         raise RowError(ErrorCode.EMPTY_PROMPT, "prompt is empty")
