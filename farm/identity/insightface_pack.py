@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+import stat
 import warnings
 import zipfile
 from pathlib import Path
@@ -21,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from farm import storage
-from farm.cache import fetch_folder, node_cache
+from farm.cache import UnsafeNameError, check_collisions, claim_name, fetch_folder, node_cache, safe_relpath
 from farm.identity.faces import (
     Face,
     FaceDetector,
@@ -96,15 +97,46 @@ def _materialize(uri: str, target: Path, storage_options: dict[str, Any] | None)
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     fs, path = storage.get_fs(uri, storage_options)
-    archive = staging / "pack.zip"
-    with fs.open(path, "rb") as src, open(archive, "wb") as dst:
-        shutil.copyfileobj(src, dst)
-    with zipfile.ZipFile(archive) as zf:
-        zf.extractall(staging)
-    archive.unlink()
+    archive = target.with_name(target.name + ".zip.partial")  # beside the staging folder: no member can clobber it
+    try:
+        with fs.open(path, "rb") as src, open(archive, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        with zipfile.ZipFile(archive) as zf:
+            _extract(zf, uri, staging)
+    except Exception:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    finally:
+        archive.unlink(missing_ok=True)
     (staging / _DONE).write_text(uri)
     shutil.rmtree(target, ignore_errors=True)
     staging.rename(target)
+
+
+def _extract(zf: zipfile.ZipFile, uri: str, folder: Path) -> None:
+    """Unpack every member below ``folder``, refusing the whole archive when any member could escape it.
+
+    ``zipfile.extractall`` would silently rewrite ``../x`` and ``/x`` to ``x`` (so a hostile member can replace a
+    model file); here such a member, a symlink, or two members with one local name raise ``UnsafeNameError``.
+    """
+    names: dict[str, str] = {}
+    members: list[tuple[zipfile.ZipInfo, str]] = []
+    for info in zf.infolist():
+        if stat.S_ISLNK(info.external_attr >> 16):
+            raise UnsafeNameError(
+                f"{info.filename!r} in {uri!r} is a symlink (unpacking into {folder}); a pack holds regular files only"
+            )
+        local = safe_relpath(info.filename.rstrip("/") if info.is_dir() else info.filename, uri, folder)
+        if info.is_dir():
+            continue
+        claim_name(names, local, info.filename, uri, folder)
+        members.append((info, local))
+    check_collisions(names, uri, folder)
+    for info, local in members:
+        dest = folder / local
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with zf.open(info) as src, open(dest, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 22)
 
 
 def _is_v2_manifest(folder: Path) -> bool:
