@@ -9,6 +9,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from farm import secrets
+
 EXIT_OK, EXIT_INVALID, EXIT_USAGE, EXIT_ABORTED, EXIT_ROWS_FAILED, EXIT_OUTPUT_BUSY = 0, 1, 2, 3, 4, 5
 EXIT_INTERRUPTED = 130
 
@@ -25,6 +27,7 @@ def _storage_options(pairs: Sequence[str] | None) -> dict[str, Any]:
         for p in parents:
             node = node.setdefault(p, {})
         node[leaf] = value
+    secrets.remember({"storage_options": out})  # error messages and log lines never show these values
     return out
 
 
@@ -212,16 +215,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    secrets.install_log_filter()
     try:
         return args.func(args)
     except (SpecError, ManifestError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {secrets.scrub(str(exc))}", file=sys.stderr)
         return EXIT_USAGE
     except (JobAborted, LeaseLost) as exc:
-        print(f"job aborted: {exc}", file=sys.stderr)
+        print(f"job aborted: {secrets.scrub(str(exc))}", file=sys.stderr)
         return EXIT_ABORTED
     except LeaseHeld as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {secrets.scrub(str(exc))}", file=sys.stderr)
         return EXIT_OUTPUT_BUSY
     except KeyboardInterrupt:
         print("interrupted: committed rows are kept; rerun the same command to resume", file=sys.stderr)

@@ -12,16 +12,19 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from farm import storage
+from farm import secrets, storage
 from farm.lease import OutputLease, describe_holder
 from farm.manifest import column_values
-from farm.results import read_results
+from farm.results import DamagedPart, read_results
 from farm.storage import OutputLayout
 
 
 def status_text(output: str, storage_options: dict[str, Any] | None = None) -> str:
+    """Counts by status and error code, runs, the lease and any damaged parts; no secret reaches the text."""
+    secrets.remember({"storage_options": storage_options or {}})
     layout = OutputLayout(output, storage_options)
-    table = read_results(layout, ["status", "error_code", "generate_s", "total_s", "committed_at"])
+    damaged: list[DamagedPart] = []
+    table = read_results(layout, ["status", "error_code", "generate_s", "total_s", "committed_at"], damaged)
     meta = layout.read_json(layout.job_json)
     lines = [f"output: {output}"]
     if meta:
@@ -51,7 +54,10 @@ def status_text(output: str, storage_options: dict[str, Any] | None = None) -> s
     holder = OutputLease(layout, storage_options, run_id="farm-status").read()
     if holder:
         lines.append(f"lease: {describe_holder(holder, time.time())}")
-    return "\n".join(lines)
+    if damaged:
+        lines.append(f"damaged parts: {len(damaged)} (skipped; their rows count as not committed)")
+        lines.extend(f"  {d.uri}: {d.reason}" for d in damaged)
+    return secrets.scrub("\n".join(lines))
 
 
 def _counts(column: pa.ChunkedArray) -> list[tuple[str, int]]:

@@ -13,6 +13,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
@@ -103,22 +104,55 @@ def write_part(layout: OutputLayout, run_id: str, seq: int, records: list[dict[s
     return uri
 
 
-def _read_part(uri: str, layout: OutputLayout, columns: list[str] | None) -> pa.Table:
-    """One part; of ``columns`` only those it has (parts of earlier runs may lack a column added since)."""
-    fs, path = storage.get_fs(uri, layout.storage_options)
-    with fs.open(path, "rb") as fh:
-        part = pq.ParquetFile(fh)
+@dataclass(frozen=True)
+class DamagedPart:
+    """A file under ``results/`` that is not a readable result part; readers skip it (README "Damaged parts")."""
+
+    uri: str
+    reason: str
+
+
+REQUIRED_COLUMNS = ("id", "status")
+
+
+def _read_part(
+    uri: str, layout: OutputLayout, columns: list[str] | None, damaged: list[DamagedPart] | None
+) -> pa.Table | None:
+    """One part; of ``columns`` only those it has (parts of earlier runs may lack a column added since).
+
+    The bytes are fetched first, so a storage fault still raises (a rerun must not redo committed rows because S3
+    hiccuped); a file that then does not parse as a result part is logged, added to ``damaged`` and skipped.
+    """
+    data = storage.read_bytes(uri, layout.storage_options)
+    try:
+        part = pq.ParquetFile(pa.BufferReader(data))
+        have = part.schema_arrow.names
+        missing = [c for c in REQUIRED_COLUMNS if c not in have]
+        if missing:
+            return _damaged(uri, f"not a result part: no {' / '.join(missing)} column", damaged)
+        id_type = part.schema_arrow.field("id").type
+        if not (pa.types.is_string(id_type) or pa.types.is_large_string(id_type)):
+            return _damaged(uri, f"not a result part: its id column is {id_type}, not text", damaged)
         if columns is not None:
-            have = set(part.schema_arrow.names)
             columns = [c for c in columns if c in have]
         return part.read(columns=columns)
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        return _damaged(uri, f"unreadable Parquet ({type(exc).__name__}: {exc})", damaged)
 
 
-def committed_ids(layout: OutputLayout) -> set[str]:
-    """Every id that already has a committed record (reads only the ``id`` column)."""
+def _damaged(uri: str, reason: str, damaged: list[DamagedPart] | None) -> None:
+    log.warning("skipping damaged result part %s: %s; move it out of results/ to silence this", uri, reason)
+    if damaged is not None:
+        damaged.append(DamagedPart(uri, reason))
+
+
+def committed_ids(layout: OutputLayout, damaged: list[DamagedPart] | None = None) -> set[str]:
+    """Every id that already has a committed record (reads only the ``id`` column); damaged parts are skipped."""
     out: set[str] = set()
     for uri in layout.result_parts():
-        out.update(_read_part(uri, layout, ["id"]).column("id").to_pylist())
+        part = _read_part(uri, layout, ["id"], damaged)
+        if part is not None:
+            out.update(part.column("id").to_pylist())
     return out
 
 
@@ -166,13 +200,16 @@ def _concat(tables: list[pa.Table]) -> pa.Table:
     return pa.concat_tables(fixed, promote_options="permissive")
 
 
-def read_results(layout: OutputLayout, columns: list[str] | None = None) -> pa.Table:
-    """All committed records, one per id (the newest wins), sorted by id."""
-    parts = layout.result_parts()
-    if not parts:
-        return _select(result_schema().empty_table(), columns)
+def read_results(
+    layout: OutputLayout, columns: list[str] | None = None, damaged: list[DamagedPart] | None = None
+) -> pa.Table:
+    """All committed records, one per id (the newest wins), sorted by id; damaged parts are skipped (and listed in
+    ``damaged`` when given)."""
     wanted = None if columns is None else list(dict.fromkeys(["id", "committed_at", *columns]))
-    table = _concat([_read_part(uri, layout, wanted) for uri in parts])
+    tables = [t for t in (_read_part(uri, layout, wanted, damaged) for uri in layout.result_parts()) if t is not None]
+    if not tables:
+        return _select(result_schema().empty_table(), columns)
+    table = _concat(tables)
     order = "_order"
     while order in table.column_names:  # a carried-through column may have any name
         order = f"_{order}"

@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from tqdm import tqdm
 
-from farm import __version__, results
+from farm import __version__, results, secrets
 from farm.config import JobSpec, SpecError
 from farm.lease import LeaseLost, OutputLease
 from farm.manifest import Manifest, ManifestError, RowDefaults, RowState, plan_rows, resolve_row
@@ -38,6 +38,10 @@ from farm.storage import OutputLayout, is_local
 from farm.worker import backend_defaults
 
 log = logging.getLogger("farm")
+
+# Fields a replica's record carries for the driver only (not result columns): read and removed before the record is
+# merged with the row's carried-through manifest columns, so a manifest column of the same name keeps its value.
+RETRY, TRACEBACK = "retry", "traceback"
 
 
 @dataclass
@@ -79,6 +83,8 @@ class Driver:
         self, job: JobSpec, progress: bool = True, retry_failed: bool = False, address: str | None = None
     ) -> None:
         self.job = job
+        secrets.remember(job.model_dump(mode="json"))  # error messages and log lines never show these values
+        secrets.install_log_filter()
         self.progress = progress
         self.retry_failed = retry_failed
         self.address = address
@@ -173,8 +179,8 @@ class Driver:
         self._commit(rec)
 
     def _commit(self, record: dict[str, Any]) -> None:
-        record.pop("retry", None)
-        record.pop("traceback", None)
+        if record.get("error_message"):
+            record["error_message"] = secrets.scrub(record["error_message"])
         self.counts[record["status"]] += 1
         if record.get("error_code"):
             self.counts[f"failed:{record['error_code']}"] += 1
@@ -216,10 +222,13 @@ class Driver:
 
     # ------------------------------------------------------------------ events
     def _handle_result(self, key: str, task: Task, rec: dict[str, Any]) -> None:
-        if rec.get("retry"):
+        rec = dict(rec)
+        retry, trace = rec.pop(RETRY, False), rec.pop(TRACEBACK, None)
+        if retry:
             code = ErrorCode(rec["error_code"])
             message = rec.get("error_message", "")
-            log.warning("row %s: %s on %s (attempt %d)", task.id, message, key, task.dispatches)
+            detail = f"\n{trace.rstrip()}" if trace else ""
+            log.warning("row %s: %s on %s (attempt %d)%s", task.id, message, key, task.dispatches, detail)
             if self.scheduler.row_fault(key, task, code, message):
                 return
         out = self._base_record(task.row, task.request)
@@ -417,7 +426,7 @@ class Driver:
         payload = {
             "name": self.job.name,
             "farm_version": __version__,
-            "spec": self.job.model_dump(mode="json"),
+            "spec": self.job.model_dump(mode="json"),  # redacted below with the rest (README "Credentials")
             "model": {
                 "backend": self.job.model.backend,
                 "variant": self.job.model.variant,
@@ -428,7 +437,7 @@ class Driver:
             "runs": runs,
         }
         self.lease.check()
-        self.layout.write_json(self.layout.job_json, payload)
+        self.layout.write_json(self.layout.job_json, secrets.redact_spec(payload))
 
 
 def _busy_fraction(stats: list[dict[str, float]]) -> float | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -323,3 +324,37 @@ def test_cli_exit_codes_for_failed_rows_and_a_busy_output(tmp_path: Path) -> Non
         assert not (tmp_path / "other" / "results").exists(), "the refused run wrote nothing"
     finally:
         holder.release()
+
+
+def test_manifest_columns_named_like_internal_fields_are_kept(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """``retry`` / ``traceback`` are also the worker's internal flags: the manifest's values still reach the results,
+    and the traceback of a retried row goes to the driver log (warning)."""
+    data = [{**r, "retry": i, "traceback": f"tb-{i}"} for i, r in enumerate(rows(3))]
+    manifest = write_manifest(tmp_path / "m.parquet", data)
+    out = str(tmp_path / "out")
+    job = still_job(
+        manifest, out, resources={"replicas": 1, **FAST}, runtime={"inject_faults": {"oom": {"row-001": 1}}}
+    )
+    with caplog.at_level(logging.WARNING, logger="farm"):
+        summary = run_job(job, progress=False)
+    assert summary.counts["ok"] == 3
+    recs = _records(out)
+    assert {k: (r["retry"], r["traceback"]) for k, r in recs.items()} == {
+        f"row-{i:03d}": (i, f"tb-{i}") for i in range(3)
+    }
+    assert recs["row-001"]["attempts"] == 2
+    warned = [r for r in caplog.records if r.levelno == logging.WARNING and "row-001" in r.getMessage()]
+    assert any("Traceback (most recent call last)" in r.getMessage() for r in warned)
+
+
+def test_run_skips_a_damaged_results_part(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A foreign or truncated ``*.parquet`` in results/ is skipped at start (warning naming it); the run finishes."""
+    manifest = write_manifest(tmp_path / "m.parquet", rows(2))
+    out = tmp_path / "out"
+    (out / "results").mkdir(parents=True)
+    (out / "results" / "notes.parquet").write_bytes(b"not parquet at all")
+    with caplog.at_level(logging.WARNING, logger="farm"):
+        summary = run_job(still_job(manifest, str(out), resources={"replicas": 1, **FAST}), progress=False)
+    assert summary.counts["ok"] == 2
+    assert set(_records(str(out))) == {"row-000", "row-001"}
+    assert str(out / "results" / "notes.parquet") in caplog.text
