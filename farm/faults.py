@@ -62,6 +62,7 @@ INFRA_CODES = frozenset(
 INFRA_CLASSES = frozenset(
     {
         "HTTPClientError",  # botocore: ReadTimeoutError, ConnectTimeoutError, EndpointConnectionError, ...
+        "ConnectionError",  # botocore's own (EndpointConnectionError, ConnectTimeoutError), not the builtin
         "ConnectionClosedError",
         "NoCredentialsError",
         "CredentialRetrievalError",
@@ -104,13 +105,13 @@ def classify(exc: BaseException, *, local: bool = False) -> Fault:
             return Fault.MISSING
         if code in INFRA_CODES or status in (401, 403, 408, 429) or (status is not None and status >= 500):
             return Fault.INFRA
-    if isinstance(exc, FileNotFoundError | IsADirectoryError | NotADirectoryError):
-        return Fault.MISSING
-    for inner in _chain(exc):
+    for inner in _chain(exc):  # before "missing": fsspec's http info reports a timeout as FileNotFoundError
         if isinstance(inner, InfraError | TimeoutError | ConnectionError):
             return Fault.INFRA
         if any(cls.__name__ in INFRA_CLASSES for cls in type(inner).__mro__):
             return Fault.INFRA
+    if isinstance(exc, FileNotFoundError | IsADirectoryError | NotADirectoryError):
+        return Fault.MISSING
     if isinstance(exc, PermissionError):
         # a remote 403 arrives as PermissionError (s3fs translates AccessDenied/ExpiredToken); locally it is the file
         return Fault.OTHER if local else Fault.INFRA

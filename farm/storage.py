@@ -23,7 +23,7 @@ import fsspec
 import numpy as np
 from fsspec.core import url_to_fs
 
-from farm import images
+from farm import faults, images
 from farm.faults import DEFAULT_RETRY, Fault, RetryPolicy, classify, describe, with_retries
 from farm.images import DEFAULT_LIMITS, ImageLimits
 from farm.records import ErrorCode, InfraError, RowError
@@ -122,7 +122,7 @@ def remote_options(protocol: str, options: dict[str, Any]) -> dict[str, Any]:
         config = dict(options.get("config_kwargs") or {})
         config.setdefault("connect_timeout", CONNECT_TIMEOUT_S)
         config.setdefault("read_timeout", READ_TIMEOUT_S)
-        config.setdefault("retries", {"max_attempts": 1, "mode": "standard"})  # s3fs and farm.faults retry
+        config.setdefault("retries", {"total_max_attempts": 1, "mode": "standard"})  # s3fs and farm.faults retry
         return {**options, "config_kwargs": config}
     if "http" in family:
         client = dict(options.get("client_kwargs") or {})
@@ -163,9 +163,10 @@ def join(base: str, *parts: str) -> str:
     return out
 
 
-def _remote(uri: str, what: str, fn: Callable[[], T], retry: RetryPolicy = DEFAULT_RETRY) -> T:
-    """Run one remote call with bounded retries of infrastructure faults (local paths: once, errors as they are)."""
-    return fn() if is_local(uri) else with_retries(fn, f"{what} {uri!r}", retry)
+def _remote(uri: str, what: str, fn: Callable[[], T], retry: RetryPolicy | None = None) -> T:
+    """Run one remote call with bounded retries of infrastructure faults (local paths: once, errors as they are);
+    ``retry`` defaults to ``farm.faults.DEFAULT_RETRY``, looked up at call time."""
+    return fn() if is_local(uri) else with_retries(fn, f"{what} {uri!r}", retry or faults.DEFAULT_RETRY)
 
 
 def _read_local(path: str) -> bytes:
@@ -307,8 +308,13 @@ def _read_bounded(uri: str, storage_options: dict[str, Any] | None, max_bytes: i
     fs, path = get_fs(uri, storage_options)
 
     def read() -> bytes:
+        chunks: list[bytes] = []
+        left = max_bytes + 1
         with fs.open(path, "rb") as fh:
-            return fh.read(max_bytes + 1)
+            while left > 0 and (chunk := fh.read(min(left, 1 << 20))):  # a stream returns what has arrived
+                chunks.append(chunk)
+                left -= len(chunk)
+        return b"".join(chunks)
 
     return _remote(uri, "reading", read, retry)
 
