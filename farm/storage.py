@@ -125,13 +125,17 @@ def remote_options(protocol: str, options: dict[str, Any]) -> dict[str, Any]:
         config.setdefault("retries", {"total_max_attempts": 1, "mode": "standard"})  # s3fs and farm.faults retry
         return {**options, "config_kwargs": config}
     if "http" in family:
-        client = dict(options.get("client_kwargs") or {})
-        if "timeout" not in client:
-            import aiohttp
+        import aiohttp
 
-            client["timeout"] = aiohttp.ClientTimeout(
-                total=None, connect=CONNECT_TIMEOUT_S, sock_connect=CONNECT_TIMEOUT_S, sock_read=READ_TIMEOUT_S
-            )
+        client = dict(options.get("client_kwargs") or {})
+        timeout = client.get("timeout")
+        defaults = {"connect": CONNECT_TIMEOUT_S, "sock_connect": CONNECT_TIMEOUT_S, "sock_read": READ_TIMEOUT_S}
+        if timeout is None:
+            client["timeout"] = aiohttp.ClientTimeout(total=None, **defaults)
+        elif isinstance(timeout, dict):  # from YAML: {sock_read: 30, ...}
+            client["timeout"] = aiohttp.ClientTimeout(**{"total": None, **defaults, **timeout})
+        elif isinstance(timeout, int | float):  # from YAML: one number = the read timeout
+            client["timeout"] = aiohttp.ClientTimeout(total=None, **{**defaults, "sock_read": float(timeout)})
         return {**options, "client_kwargs": client}
     if "gs" in family:
         return {"timeout": READ_TIMEOUT_S, **options}

@@ -193,6 +193,12 @@ def test_default_timeouts_are_applied_without_clobbering_user_options() -> None:
     fs, _ = storage.get_fs("https://example.invalid/a.png")
     timeout = fs.client_kwargs["timeout"]
     assert timeout.sock_read == storage.READ_TIMEOUT_S and timeout.connect == storage.CONNECT_TIMEOUT_S
+    fs, _ = storage.get_fs("https://example.invalid/b.png", {"https": {"client_kwargs": {"timeout": {"sock_read": 7}}}})
+    assert (
+        fs.client_kwargs["timeout"].sock_read == 7 and fs.client_kwargs["timeout"].connect == storage.CONNECT_TIMEOUT_S
+    )
+    fs, _ = storage.get_fs("https://example.invalid/c.png", {"https": {"client_kwargs": {"timeout": 9}}})
+    assert fs.client_kwargs["timeout"].sock_read == 9
 
 
 def test_silent_s3_endpoint_fails_fast_as_infra_error(monkeypatch: pytest.MonkeyPatch) -> None:
