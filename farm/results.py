@@ -123,7 +123,10 @@ def _read_part(
     The bytes are fetched first, so a storage fault still raises (a rerun must not redo committed rows because S3
     hiccuped); a file that then does not parse as a result part is logged, added to ``damaged`` and skipped.
     """
-    data = storage.read_bytes(uri, layout.storage_options)
+    try:
+        data = storage.read_bytes(uri, layout.storage_options)
+    except IsADirectoryError as exc:  # a folder (a Spark/Dask dataset) or a FIFO named *.parquet
+        return _damaged(uri, f"not a part file ({exc})", damaged)
     try:
         part = pq.ParquetFile(pa.BufferReader(data))
         have = part.schema_arrow.names

@@ -125,6 +125,14 @@ def test_only_damaged_parts_read_as_empty(tmp_path: Path) -> None:
     assert "damaged parts: 1" in status_text(layout.root)
 
 
+def test_a_folder_named_like_a_part_is_skipped(tmp_path: Path) -> None:
+    layout, _ = _output(tmp_path, "empty")
+    (Path(layout.results_dir) / "spark-export.parquet").mkdir()
+    found: list[DamagedPart] = []
+    assert read_results(layout, ["status"], found).column("id").to_pylist() == ["a", "b"]
+    assert len(found) == 2 and any("spark-export.parquet" in d.uri for d in found)
+
+
 def test_a_storage_fault_still_raises(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Only a file that does not parse is skipped: a rerun must not redo committed rows because storage hiccuped."""
     layout, _ = _output(tmp_path, "truncated")

@@ -16,7 +16,7 @@ from farm.report import export_results, status_text
 from farm.results import ResultWriter, read_results, result_schema
 from farm.runtime.driver import Driver, run_job
 from farm.storage import OutputLayout
-from tests.helpers import ASTRONAUT, rows, still_job, write_manifest
+from tests.helpers import rows, still_job, write_manifest
 
 KEY_ID = "AKIAFARMKEYID0000001"
 SECRET = "farm-secret/key+value=0001"  # '/', '+' and '=' also appear URL-encoded in URLs and messages
@@ -125,17 +125,18 @@ def test_log_filter_scrubs_farm_loggers(caplog: pytest.LogCaptureFixture) -> Non
 
 
 def test_error_messages_of_records_are_scrubbed(tmp_path: Path) -> None:
-    """The driver scrubs ``error_message`` as it commits (any path: worker, scheduler, manifest errors)."""
+    """The driver scrubs ``error_message`` (any path: worker, scheduler, manifest errors) and the URIs it commits."""
     manifest = write_manifest(tmp_path / "m.parquet", rows(1))
     job = still_job(manifest, str(tmp_path / "out"), model={"options": {"storage_options": {"secret": MODEL_SECRET}}})
     driver = Driver(job, progress=False)
     driver.extra_columns = []
     driver.writer = ResultWriter(driver.layout, result_schema())
-    row = {"id": "row-000", "portrait": ASTRONAUT, "prompt": "p"}
+    row = {"id": "row-000", "portrait": f"https://me:{PASSWORD}@img.example/p.png", "prompt": "p"}
     driver._record_failure(row, None, ErrorCode.PORTRAIT_UNREADABLE, f"403 for s3://b/p.png with {MODEL_SECRET}")
     driver.writer.flush()
     (rec,) = read_results(driver.layout).to_pylist()
     assert rec["error_message"] == "403 for s3://b/p.png with ***"
+    assert rec["portrait"] == "https://me:***@img.example/p.png"
 
 
 def _everything_under(root: str, options: dict[str, Any]) -> dict[str, bytes]:
@@ -176,8 +177,9 @@ def test_job_on_s3_leaks_no_secret(
     leaks = {p: s for p, blob in files.items() for s in ALL if s.encode() in blob}
     assert not leaks
     spec = json.loads(next(b for p, b in files.items() if p.endswith("_job.json")))["spec"]
-    assert spec["storage_options"]["client_kwargs"]["endpoint_url"] == endpoint
-    assert spec["storage_options"]["secret"] == "***"
+    shown = spec["storage_options"].get("s3", spec["storage_options"])  # the flat form is bound to the output's
+    assert shown["client_kwargs"]["endpoint_url"] == endpoint
+    assert shown["key"] == shown["secret"] == shown["token"] == "***"
 
     records = json.dumps(read_results(OutputLayout(out, options)).to_pylist(), default=str)
     status = status_text(out, options)

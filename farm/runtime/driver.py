@@ -42,6 +42,9 @@ log = logging.getLogger("farm")
 # Fields a replica's record carries for the driver only (not result columns): read and removed before the record is
 # merged with the row's carried-through manifest columns, so a manifest column of the same name keeps its value.
 RETRY, TRACEBACK = "retry", "traceback"
+# URIs a record carries lose their URL password as they are committed (error messages lose every secret value too;
+# carried manifest columns stay verbatim).
+URI_FIELDS = ("portrait", "video")
 
 
 @dataclass
@@ -179,8 +182,11 @@ class Driver:
         self._commit(rec)
 
     def _commit(self, record: dict[str, Any]) -> None:
-        if record.get("error_message"):
+        if isinstance(record.get("error_message"), str):
             record["error_message"] = secrets.scrub(record["error_message"])
+        for name in URI_FIELDS:
+            if isinstance(record.get(name), str):
+                record[name] = secrets.strip_userinfo(record[name])
         self.counts[record["status"]] += 1
         if record.get("error_code"):
             self.counts[f"failed:{record['error_code']}"] += 1
