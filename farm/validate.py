@@ -9,9 +9,9 @@ from typing import Any
 
 from farm import storage
 from farm.config import JobSpec
-from farm.manifest import Manifest, RowDefaults, check_id, resolve_row
+from farm.manifest import Manifest, check_id, resolve_row
 from farm.records import ErrorCode, RowError
-from farm.worker import backend_defaults
+from farm.worker import row_defaults
 
 MAX_EXAMPLES = 5
 
@@ -44,9 +44,10 @@ class ValidationReport:
         return "\n".join(lines)
 
 
-def _portrait_problem(uri: str, storage_options: dict[str, Any]) -> str | None:
+def _portrait_problem(uri: str, job: JobSpec) -> str | None:
+    """What ``farm run`` would find wrong with this portrait (same reader, limits and allowed roots)."""
     try:
-        storage.read_image(uri, storage_options)
+        storage.read_portrait(uri, job.storage_options, job.portrait_policy())
     except Exception as exc:  # noqa: BLE001 - any failure to open is the finding
         return f"{type(exc).__name__}: {exc}"
     return None
@@ -56,8 +57,7 @@ def validate_job(job: JobSpec, check_portraits: bool | None = None, workers: int
     """Validate every row; with ``check_portraits`` also open every distinct portrait (in parallel)."""
     check_portraits = job.runtime.check_portraits if check_portraits is None else check_portraits
     manifest = Manifest(job.manifest, job.storage_options)
-    params, negative = backend_defaults(job)
-    defaults = RowDefaults(params, negative, job.defaults.seed, job.runtime.require_rights_confirmed)
+    defaults = row_defaults(job)
     duplicates = manifest.duplicate_ids()
     report = ValidationReport(extra_columns=manifest.extra_columns)
     portraits: dict[str, list[Any]] = {}
@@ -78,7 +78,7 @@ def validate_job(job: JobSpec, check_portraits: bool | None = None, workers: int
         report.valid += 1
     if portraits:
         with ThreadPoolExecutor(workers) as pool:
-            problems = pool.map(lambda uri: (uri, _portrait_problem(uri, job.storage_options)), list(portraits))
+            problems = pool.map(lambda uri: (uri, _portrait_problem(uri, job)), list(portraits))
             for uri, problem in problems:
                 if problem is None:
                     continue

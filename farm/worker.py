@@ -24,6 +24,7 @@ import numpy as np
 
 from farm import storage
 from farm.config import JobSpec
+from farm.manifest import RowDefaults
 from farm.models import build_backend
 from farm.models.base import Backend, GenerationRequest
 from farm.params import SamplingParams
@@ -103,7 +104,8 @@ class RowProcessor:
 
     # ------------------------------------------------------------------ stages
     def _load_portrait(self, uri: str) -> Portrait:
-        image = storage.read_portrait(uri, self.job.storage_options)  # InfraError is retried and never cached
+        # an InfraError propagates: the driver retries the row elsewhere, and nothing is cached
+        image = storage.read_portrait(uri, self.job.storage_options, self.job.portrait_policy())
         embedding = None
         if self.recognizer is not None:
             ident = self.job.identity
@@ -220,3 +222,15 @@ def backend_defaults(job: JobSpec) -> tuple[SamplingParams, str]:
     if negative is None:
         negative = backend.default_negative_prompt()
     return params, negative
+
+
+def row_defaults(job: JobSpec) -> RowDefaults:
+    """What every row of ``job`` falls back to, for ``farm run`` and ``farm validate`` alike."""
+    params, negative = backend_defaults(job)
+    return RowDefaults(
+        params,
+        negative,
+        job.defaults.seed,
+        job.runtime.require_rights_confirmed,
+        allowed_portrait_roots=tuple(job.runtime.allowed_portrait_roots),
+    )
