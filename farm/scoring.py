@@ -209,7 +209,10 @@ class _Pool:
                 batch = queue.next_batch(len(self.inflight))
                 if batch is None:
                     break
-                self.inflight[self.executor.submit(self.scorer, [dict(e.row) for e in batch])] = batch
+                try:
+                    self.inflight[self.executor.submit(self.scorer, [dict(e.row) for e in batch])] = batch
+                except BrokenProcessPool:  # a worker died while idle: nothing of this batch ran, none is charged
+                    self._replace(batch, queue, alone=False)
             if not self.inflight:
                 return
             finished, _ = wait(self.inflight, timeout=max(0.1, writer.due_in()), return_when=FIRST_COMPLETED)

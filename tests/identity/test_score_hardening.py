@@ -146,6 +146,13 @@ def test_sigkilled_worker_rows_are_requeued_and_a_poison_row_is_recorded(score: 
     assert "worker process died" in poison["error_message"] and f"{scoring.MAX_TRIES} times" in poison["error_message"]
 
 
+def test_workers_that_always_die_abort_the_run(score: Any, clip: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(scoring, "MAX_DEATHS", 2)  # read by the parent: 3 deaths with no row finishing
+    data = [{"id": k, "portrait": ASTRONAUT, "video": clip, "die": "always"} for k in ("a", "b", "c")]
+    with pytest.raises(scoring.ScoreAborted, match="died 3 times without a row finishing"):
+        score(data, chunk_scorer=killing_scorer, workers=1)
+
+
 def test_memory_error_and_infra_faults_are_retried_alone_then_recorded(score: Any, tmp_path: Path, clip: str) -> None:
     marker = tmp_path / "once"
     cases = {"ok": "", "oom": "oom", "oom_once": f"oom+{marker}-1", "infra_once": f"infra+{marker}-2"}
