@@ -10,11 +10,12 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from farm import storage
+from farm import secrets, storage
 from farm.faults import RetryPolicy
 from farm.images import ImageLimits
 from farm.models.base import ModelSpec
 from farm.params import SAMPLING_FIELDS, check_field, check_seed, coerce
+from farm.secrets import REDACTED
 
 
 class SpecError(ValueError):
@@ -234,7 +235,9 @@ def _format_errors(err: ValidationError, source: str) -> str:
     for item in err.errors():
         where = ".".join(str(p) for p in item["loc"]) or "(top level)"
         value = item.get("input")
-        shown = "" if isinstance(value, dict) else f" (got {value!r})"
+        hidden = "storage_options" in item["loc"] or any(secrets.is_credential_key(p) for p in item["loc"])
+        shown = "" if isinstance(value, dict) else f" (got {REDACTED!r})" if hidden else f" (got {value!r})"
+        shown = secrets.strip_userinfo(shown)
         lines.append(f"  {where}: {item['msg']}{shown}")
     return "\n".join(lines)
 

@@ -199,3 +199,19 @@ def _flat(options: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
         else:
             out.append((f"{prefix}{key}", value))
     return out
+
+
+def test_spec_errors_do_not_echo_credential_values() -> None:
+    """A rejected spec names the field, never the secret value that was put there."""
+    import pytest
+
+    from farm.config import SpecError, parse_job
+
+    spec = {"manifest": "m", "output": "o", "model": {"backend": "still", "weights": {"api_token": 12345678}}}
+    with pytest.raises(SpecError) as err:
+        parse_job(spec)
+    assert "model.weights.api_token" in str(err.value) and "12345678" not in str(err.value)
+    spec["model"]["weights"] = {"base": 7, "adapter": "https://user:hunter2-pw@host/x"}
+    with pytest.raises(SpecError) as err:
+        parse_job({**spec, "runtime": {"max_attempts": "https://u:hunter2-pw@h"}})
+    assert "hunter2-pw" not in str(err.value) and "u:***@h" in str(err.value)

@@ -35,7 +35,7 @@ from farm.runtime.errors import JobAborted
 from farm.runtime.pool import Ask, Done, Dropped, Lost, Paused, Ready, ReplicaPool
 from farm.runtime.scheduler import Final, Loss, Scheduler, Task
 from farm.storage import OutputLayout, is_local
-from farm.worker import backend_defaults
+from farm.worker import row_defaults
 
 log = logging.getLogger("farm")
 
@@ -316,8 +316,7 @@ class Driver:
         start = self.started = time.monotonic()
         job = self.job
         manifest = Manifest(job.manifest, job.storage_options)
-        params, negative = backend_defaults(job)
-        defaults = RowDefaults(params, negative, job.defaults.seed, job.runtime.require_rights_confirmed)
+        defaults = row_defaults(job)
         self.extra_columns = manifest.extra_columns
         schema = results.result_schema(pa.schema([manifest.schema.field(c) for c in self.extra_columns]))
         self.writer = results.ResultWriter(

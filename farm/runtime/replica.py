@@ -15,8 +15,11 @@ class Replica:
     """Loads the model once in ``__init__``; ``process`` is called concurrently (threaded actor) to overlap rows."""
 
     def __init__(self, job: JobSpec, name: str) -> None:
+        from farm import secrets
         from farm.worker import RowProcessor
 
+        secrets.remember(job.model_dump(mode="json"))  # replica logs are scrubbed of the job's secrets too
+        secrets.install_log_filter()
         self.gpu_ids = [str(g) for g in ray.get_gpu_ids()]
         device = "cuda" if self.gpu_ids and _cuda_available() else "cpu"
         self.name = name
