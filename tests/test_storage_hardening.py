@@ -435,3 +435,23 @@ def test_resolve_row_and_read_portrait_refuse_portraits_outside_the_roots() -> N
     )
     with pytest.raises(RowError, match="allowed_portrait_roots"):
         read_portrait(ASTRONAUT, None, job.portrait_policy())
+
+
+def test_farm_validate_applies_the_allowed_portrait_roots(tmp_path) -> None:
+    """`farm validate` and `farm run` share the row defaults: a portrait outside the roots is bad_param in both."""
+    from farm.validate import validate_job
+    from tests.helpers import ASTRONAUT, TOM_HANKS, still_job, write_manifest
+
+    manifest = write_manifest(
+        tmp_path / "m.parquet",
+        [
+            {"id": "inside", "portrait": ASTRONAUT, "prompt": "p"},
+            {"id": "outside", "portrait": TOM_HANKS, "prompt": "p"},
+            {"id": "escape", "portrait": "pkg://skimage/../../etc/passwd", "prompt": "p"},
+        ],
+    )
+    job = still_job(manifest, str(tmp_path / "out"), runtime={"allowed_portrait_roots": ["pkg://skimage/"]})
+    report = validate_job(job)
+    assert report.rows == 3 and report.valid == 1
+    assert report.reasons == {"bad_param": 2}
+    assert any("allowed_portrait_roots" in e for e in report.examples["bad_param"])
