@@ -106,18 +106,24 @@ def cmd_results(args: argparse.Namespace) -> int:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    from farm.scoring import score_manifest
+    from farm import secrets
+    from farm.scoring import ScoreAborted, score_manifest
 
-    summary = score_manifest(
-        args.manifest,
-        args.output,
-        recognizer=args.recognizer,
-        pack=args.pack,
-        frames=args.frames,
-        storage_options=_storage_options(args.storage_option),
-        progress=not args.no_progress,
-        workers=args.workers,
-    )
+    try:
+        summary = score_manifest(
+            args.manifest,
+            args.output,
+            recognizer=args.recognizer,
+            pack=args.pack,
+            frames=args.frames,
+            storage_options=_storage_options(args.storage_option),
+            progress=not args.no_progress,
+            workers=args.workers,
+            retry_failed=args.retry_failed,
+        )
+    except ScoreAborted as exc:
+        print(f"scoring aborted: {secrets.scrub(str(exc))}", file=sys.stderr)
+        return EXIT_ABORTED
     print(json.dumps(summary, indent=2))
     return EXIT_OK
 
@@ -189,7 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recognizer", choices=["dlib", "insightface"], default="dlib")
     p.add_argument("--pack", help="insightface model pack dir/URI (recognizer=insightface)")
     p.add_argument("--frames", type=int, default=16, help="frames sampled per video")
-    p.add_argument("--workers", type=int, default=2, help="parallel scoring threads")
+    p.add_argument("--workers", type=int, default=2, help="parallel scoring processes")
+    p.add_argument("--retry-failed", action="store_true", help="also rescore rows whose committed status is failed")
     p.add_argument("--storage-option", action="append", help="fsspec option key=value (repeatable)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_score)
@@ -208,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from farm.cache import CacheError
     from farm.config import SpecError
     from farm.lease import LeaseHeld, LeaseLost
     from farm.manifest import ManifestError
@@ -218,7 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     secrets.install_log_filter()
     try:
         return args.func(args)
-    except (SpecError, ManifestError, FileNotFoundError) as exc:
+    except (SpecError, ManifestError, FileNotFoundError, CacheError) as exc:
         print(f"error: {secrets.scrub(str(exc))}", file=sys.stderr)
         return EXIT_USAGE
     except (JobAborted, LeaseLost) as exc:

@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from tqdm import tqdm
 
-from farm import results, storage
+from farm import results, secrets, storage
 from farm.manifest import Manifest, ManifestError, RowState, plan_rows
 from farm.records import ErrorCode, InfraError, Status
 from farm.storage import OutputLayout
@@ -298,6 +298,7 @@ def score_manifest(
     if recognizer == "insightface" and not pack:
         raise ValueError("--recognizer insightface needs --pack (an insightface model pack dir or URI)")
     options = storage.bind_storage_options(storage_options, output, manifest_uri)
+    secrets.remember({"storage_options": options})  # error messages in records never carry them
     manifest = Manifest(manifest_uri, options, required=SCORE_COLUMNS, known=frozenset(SCORE_COLUMNS))
     check_filesystems(manifest)
     layout = OutputLayout(output, options)
@@ -312,6 +313,8 @@ def score_manifest(
         for name in extra:
             rec[results.carried_name(name)] = row.get(name)
         rec.setdefault("model", model)
+        if rec.get("error_message"):
+            rec["error_message"] = secrets.scrub(rec["error_message"])
         counts[rec["status"]] += 1
         writer.add(rec)
         bar.update(1)
