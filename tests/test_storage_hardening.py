@@ -242,6 +242,8 @@ def test_output_writes_retry_transient_faults(s3_endpoint: dict[str, Any], monke
             raise s3fs.errors.translate_boto_error(_client_error("SlowDown", 503))
         return real(self, path, data, **kwargs)
 
+    # a filesystem cached by an earlier test carries its own bound pipe_file: start from a fresh instance
+    s3fs.S3FileSystem.clear_instance_cache()
     monkeypatch.setattr(s3fs.S3FileSystem, "pipe_file", throttled)
     monkeypatch.setattr("farm.faults.DEFAULT_RETRY", FAST)
     layout = OutputLayout("s3://writes/out", s3_endpoint["storage_options"])

@@ -32,7 +32,7 @@ def cluster() -> Iterator[Any]:
     is known dead only ~15 s later, while its replicas are merely unreachable (the case spot preemption produces)."""
     from ray.cluster_utils import Cluster
 
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0})
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0, "include_dashboard": False})
     yield c
     c.shutdown()
 
