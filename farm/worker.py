@@ -33,6 +33,7 @@ from farm.storage import OutputLayout
 from farm.video import decode_video, encode_mp4
 
 AI_NOTICE = "AI-generated video"
+PORTRAIT_CACHE_BYTES = 256 * 2**20  # per replica: prepared subjects and embeddings, not decoded images
 
 
 def _is_infra(exc: BaseException) -> bool:
@@ -40,12 +41,21 @@ def _is_infra(exc: BaseException) -> bool:
 
 
 class LRU:
-    """A bounded map of key -> Future, so concurrent callers for one key compute the value once."""
+    """A bounded map of key -> Future, so concurrent callers for one key compute the value once.
 
-    def __init__(self, size: int) -> None:
+    Bounded by entries and by bytes (the arrays a value holds, ``nbytes``); the newest value is always kept.
+    """
+
+    def __init__(self, size: int, max_bytes: int | None = None) -> None:
         self.size = size
+        self.max_bytes = max_bytes
         self._items: OrderedDict[str, Future[Any]] = OrderedDict()
+        self._bytes: dict[str, int] = {}
         self._lock = threading.Lock()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(self._bytes.values())
 
     def get(self, key: str, compute: Callable[[], Any]) -> Any:
         with self._lock:
@@ -54,24 +64,61 @@ class LRU:
             if owner:
                 fut = Future()
                 self._items[key] = fut
-                while len(self._items) > self.size:
-                    self._items.popitem(last=False)
+                self._evict(keep=key)
             else:
                 self._items.move_to_end(key)
         if owner:
             try:
-                fut.set_result(compute())
+                value = compute()
             except BaseException as exc:  # noqa: BLE001 - the future carries it to every waiter
                 fut.set_exception(exc)
                 if not isinstance(exc, RowError):
                     with self._lock:
                         self._items.pop(key, None)
+            else:
+                fut.set_result(value)
+                with self._lock:
+                    if key in self._items:
+                        self._bytes[key] = nbytes_of(value)
+                        self._evict(keep=key)
         return fut.result()
+
+    def _over(self) -> bool:
+        too_big = self.max_bytes is not None and sum(self._bytes.values()) > self.max_bytes
+        return len(self._items) > self.size or too_big
+
+    def _evict(self, keep: str) -> None:
+        while len(self._items) > 1 and self._over():
+            oldest = next(iter(self._items))
+            if oldest == keep:
+                break
+            self._items.pop(oldest)
+            self._bytes.pop(oldest, None)
+
+
+def nbytes_of(value: Any, depth: int = 4) -> int:
+    """Bytes of the arrays (numpy, torch) a value holds, through dataclasses, mappings and sequences."""
+    if isinstance(getattr(value, "nbytes", None), int):
+        return value.nbytes
+    if hasattr(value, "element_size") and hasattr(value, "nelement"):  # torch.Tensor without importing torch
+        return int(value.element_size() * value.nelement())
+    if depth == 0:
+        return 0
+    if isinstance(value, dict):
+        items = list(value.values())
+    elif isinstance(value, (list, tuple)):
+        items = list(value)
+    elif hasattr(value, "__dict__"):
+        items = list(vars(value).values())
+    else:
+        return 0
+    return sum(nbytes_of(item, depth - 1) for item in items)
 
 
 @dataclass
 class Portrait:
-    image: np.ndarray
+    """What a replica keeps per portrait: the backend's subject and the identity embedding, not the decoded image."""
+
     subject: Any
     embedding: np.ndarray | None
 
@@ -79,7 +126,14 @@ class Portrait:
 class RowProcessor:
     """One model replica's per-row work. Construct once per replica (loads the model)."""
 
-    def __init__(self, job: JobSpec, replica: str = "local", device: str = "cpu", cache_size: int = 64) -> None:
+    def __init__(
+        self,
+        job: JobSpec,
+        replica: str = "local",
+        device: str = "cpu",
+        cache_size: int = 64,
+        cache_bytes: int = PORTRAIT_CACHE_BYTES,
+    ) -> None:
         self.job = job
         self.replica = replica
         self.device = device
@@ -96,7 +150,7 @@ class RowProcessor:
                 storage_options=job.storage_options,
                 **job.identity.options,
             )
-        self.portraits = LRU(cache_size)
+        self.portraits = LRU(cache_size, max_bytes=cache_bytes)
         self.gpu_lock = threading.Lock()
         self.busy_s = 0.0
         self.first_generate: float | None = None
@@ -113,7 +167,7 @@ class RowProcessor:
                 image, strict=ident.strict, min_face_size=ident.min_face_size
             )
         subject = self.backend.prepare_subject(image)
-        return Portrait(image=image, subject=subject, embedding=embedding)
+        return Portrait(subject=subject, embedding=embedding)
 
     def _inject(self, row_id: str, dispatch: int) -> None:
         """Fault injection for tests and chaos drills (``runtime.inject_faults``); a no-op unless configured."""

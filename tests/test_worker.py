@@ -74,3 +74,21 @@ def test_identity_options_reach_the_recognizer(tmp_path: Path) -> None:
     )
     processor = RowProcessor(job)
     assert processor.recognizer.detector.upsample == 1 and processor.recognizer.detector.min_score == 0.3
+
+
+def test_portrait_cache_is_bounded_in_bytes_and_keeps_no_decoded_image() -> None:
+    """Issue 8 item 7: the per-replica cache held 64 full-resolution images; now it holds what rows need, in bytes."""
+    import numpy as np
+
+    from farm.worker import LRU, Portrait, nbytes_of
+
+    mib = 2**20
+    cache = LRU(size=64, max_bytes=3 * (mib + 4096))  # room for three portraits
+    for key in "abcde":
+        cache.get(key, lambda: Portrait(subject={"face": np.zeros(mib, np.uint8)}, embedding=np.zeros(512, np.float32)))
+    assert cache.nbytes <= 3 * (mib + 4096)
+    assert list(cache._items) == ["c", "d", "e"]  # oldest first out
+    big = cache.get("huge", lambda: np.zeros(8 * mib, np.uint8))
+    assert big.nbytes == 8 * mib and list(cache._items) == ["huge"]  # the newest value is always kept
+    assert nbytes_of(Portrait(subject=(np.zeros(10, np.float64),), embedding=None)) == 80
+    assert "image" not in Portrait.__dataclass_fields__
