@@ -219,6 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from farm.config import SpecError
     from farm.lease import LeaseHeld, LeaseLost
     from farm.manifest import ManifestError
+    from farm.records import InfraError
     from farm.runtime.errors import JobAborted
 
     args = build_parser().parse_args(argv)
@@ -231,6 +232,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except (JobAborted, LeaseLost) as exc:
         print(f"job aborted: {secrets.scrub(str(exc))}", file=sys.stderr)
+        return EXIT_ABORTED
+    except InfraError as exc:  # storage stayed unreachable through its retries (timeouts, 5xx, refused credentials)
+        print(f"error: storage: {secrets.scrub(str(exc))}", file=sys.stderr)
         return EXIT_ABORTED
     except LeaseHeld as exc:
         print(f"error: {secrets.scrub(str(exc))}", file=sys.stderr)

@@ -457,3 +457,20 @@ def test_farm_validate_applies_the_allowed_portrait_roots(tmp_path) -> None:
     assert report.rows == 3 and report.valid == 1
     assert report.reasons == {"bad_param": 2}
     assert any("allowed_portrait_roots" in e for e in report.examples["bad_param"])
+
+
+def test_farm_status_on_a_silent_endpoint_ends_with_a_message_not_a_traceback(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Guards item 4 at the CLI: `farm status s3://...` on a hung endpoint ended in an uncaught ReadTimeoutError."""
+    from farm.cli import main
+
+    monkeypatch.setattr("farm.faults.DEFAULT_RETRY", RetryPolicy(2, 0.01, 0.02))
+    with silent_tcp_server() as url:
+        options = _s3_options(url)
+        monkeypatch.setattr("farm.cli._storage_options", lambda pairs: {"s3": options})
+        start = time.monotonic()
+        code = main(["status", "s3://bucket/out"])
+    err = capsys.readouterr().err
+    assert code == 3 and err.startswith("error: storage:") and "Traceback" not in err
+    assert time.monotonic() - start < 30
