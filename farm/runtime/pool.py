@@ -30,6 +30,7 @@ from farm.runtime.scheduler import Loss
 log = logging.getLogger("farm")
 
 PROBE_EVERY_S = 1.0
+CEILING_EVERY_S = 60.0
 NODE_DEATH_MARKERS = ("its node has died", "node was terminated", "node died", "preempt", "drain")
 
 
@@ -114,6 +115,8 @@ class ReplicaPool:
         self.grace_s = job.runtime.node_loss_grace_s
         self.no_ready_since = time.monotonic()
         self.served: list[dict[str, Any]] = []  # every replica that became ready during this run
+        self._ceiling_at: float | None = None
+        self._ceiling_gpus = 0.0
 
     # ------------------------------------------------------------------ size
     def reconcile(self) -> None:
@@ -135,8 +138,15 @@ class ReplicaPool:
             return self.fixed_target
         if self.ask.gpus <= 0:
             return 1
-        gpus = max(cluster.resources_now()["GPU"], cluster.max_gpus() or 0.0)
+        gpus = max(cluster.resources_now()["GPU"], self._ceiling())
         return max(1, math.floor(gpus / self.ask.gpus + 1e-9))
+
+    def _ceiling(self) -> float:
+        """What the autoscaler can scale to, re-read once a minute (it may be an API call or a file)."""
+        now = time.monotonic()
+        if self._ceiling_at is None or now - self._ceiling_at >= CEILING_EVERY_S:
+            self._ceiling_at, self._ceiling_gpus = now, cluster.max_gpus() or 0.0
+        return self._ceiling_gpus
 
     def _start(self) -> None:
         key = f"replica-{next(self._keys)}"
