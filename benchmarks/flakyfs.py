@@ -11,8 +11,9 @@ disk, seen through a store that misbehaves like a remote one:
 
 Only the outermost call counts (``exists`` calling ``info`` is one call). ``pipe_file`` is atomic (temp file +
 rename), as a single PUT to an object store is. Whether the n-th call of operation ``op`` on ``path`` in a process is
-hit is a hash of ``(seed, phase, op, path, n)``: the same calls in the same order get the same faults, whatever the
-threads interleave.
+hit is a hash of ``(seed, phase, op, path, n)`` (``path`` relative to ``root``): in the driver the same calls in the
+same order get the same faults, whatever the threads interleave; worker processes add their pid, so a row retried on
+another replica draws afresh (which replica reads what depends on scheduling anyway).
 
 Every process that touches storage must call ``register()``: the driver itself, and the Ray workers through
 ``runtime_env={"worker_process_setup_hook": "flakyfs.register", "env_vars": {"PYTHONPATH": <this folder>, ...}}``.
@@ -261,6 +262,12 @@ class Injector:
             self._control_mtime = mtime
         return self.control
 
+    @property
+    def salt(self) -> str:
+        """The driver's draws are reproducible; each worker process draws its own (salted with its pid): otherwise a
+        row retried on another replica would meet exactly the faults that failed it on the first one."""
+        return "" if self.role == "driver" else str(os.getpid())
+
     def _draws(self, cfg: dict[str, Any], op: str, path: str) -> tuple[int, list[float]]:
         phase = str(cfg.get("phase", ""))
         with self.lock:
@@ -268,7 +275,7 @@ class Injector:
             n = self.seen[(phase, op, path)]
         root = str(cfg.get("root") or "")
         name = path[len(root) :] if root and path.startswith(root) else path  # the same draws in any tmp folder
-        digest = hashlib.sha256(f"{cfg.get('seed', 0)}|{phase}|{op}|{name}|{n}".encode()).digest()
+        digest = hashlib.sha256(f"{cfg.get('seed', 0)}|{self.salt}|{phase}|{op}|{name}|{n}".encode()).digest()
         return n, [int.from_bytes(digest[i : i + 4], "little") / 2**32 for i in range(0, 20, 4)]
 
     def _bucket(self, phase: str) -> dict[str, Any]:
