@@ -71,19 +71,31 @@ INFRA_CLASSES = frozenset(
         "ClientConnectionError",  # aiohttp: refused, reset, ServerDisconnected, ServerTimeoutError, ...
         "ClientPayloadError",
         "FSTimeoutError",  # fsspec
+        "ProtocolError",  # urllib3: connection aborted mid-request
+        "ServiceRequestError",  # azure-core: the request never reached the service
+        "ServiceResponseError",  # azure-core: no (complete) answer
+        "TransportError",  # google-auth / gcsfs transport failures
+        "RetryError",  # google-api-core: its own retries ran out on a transient fault
     }
 )
+# Messages of transient states that libraries raise as plain RuntimeErrors.
+INFRA_MESSAGES = ("session is closed", "connector is closed", "event loop is closed")
 ROW_ERRNOS = frozenset({errno.EINVAL, errno.ENAMETOOLONG, errno.ELOOP})
 
 
 def _chain(exc: BaseException) -> Iterator[BaseException]:
-    """``exc`` and the exceptions behind it (``__cause__`` / ``__context__``), each once."""
+    """``exc`` and the exceptions behind it, each once: ``__cause__`` / ``__context__``, and exceptions carried in its
+    arguments (urllib3's ``ProtocolError('Connection aborted.', ConnectionResetError(...))``)."""
     seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen and len(seen) < 16:
+    todo: list[BaseException] = [exc]
+    while todo and len(seen) < 16:
+        current = todo.pop(0)
+        if id(current) in seen:
+            continue
         seen.add(id(current))
         yield current
-        current = current.__cause__ or current.__context__
+        todo.extend(e for e in (current.__cause__, current.__context__) if e is not None)
+        todo.extend(a for a in getattr(current, "args", ()) if isinstance(a, BaseException))
 
 
 def http_status(exc: BaseException) -> tuple[str, int | None]:
@@ -92,8 +104,11 @@ def http_status(exc: BaseException) -> tuple[str, int | None]:
     if isinstance(response, dict):
         status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
         return str(response.get("Error", {}).get("Code", "")), status if isinstance(status, int) else None
-    status = getattr(exc, "status", None)
-    return "", status if isinstance(status, int) else None
+    for name in ("status", "status_code", "code"):  # aiohttp; azure-core; gcsfs HttpError, urllib's HTTPError
+        status = getattr(exc, name, None)
+        if isinstance(status, int) and not isinstance(status, bool) and 100 <= status < 600:
+            return "", status
+    return "", None
 
 
 def classify(exc: BaseException, *, local: bool = False) -> Fault:
@@ -110,13 +125,15 @@ def classify(exc: BaseException, *, local: bool = False) -> Fault:
             return Fault.INFRA
         if any(cls.__name__ in INFRA_CLASSES for cls in type(inner).__mro__):
             return Fault.INFRA
+        if isinstance(inner, RuntimeError) and any(m in str(inner).lower() for m in INFRA_MESSAGES):
+            return Fault.INFRA
     if isinstance(exc, FileNotFoundError | IsADirectoryError | NotADirectoryError):
         return Fault.MISSING
     if isinstance(exc, PermissionError):
         # a remote 403 arrives as PermissionError (s3fs translates AccessDenied/ExpiredToken); locally it is the file
         return Fault.OTHER if local else Fault.INFRA
-    if isinstance(exc, OSError) and exc.errno not in ROW_ERRNOS:
-        return Fault.INFRA  # EIO, ESTALE, a store's own I/O error
+    if isinstance(exc, OSError) and exc.errno is not None and exc.errno not in ROW_ERRNOS:
+        return Fault.INFRA  # EIO, ESTALE, a store's own I/O error (an OSError without errno: a parser's, e.g. Arrow's)
     return Fault.OTHER
 
 

@@ -48,6 +48,7 @@ from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import Any
 
+from farm.faults import with_retries
 from farm.storage import OutputLayout, get_fs, is_local
 
 try:
@@ -327,6 +328,21 @@ class _S3Store(_VerifyStore):
         super().delete(version)
 
 
+class _Retrying:
+    """A store whose calls retry storage faults (``farm.faults``: throttling, 5xx, timeouts, expired tokens) before
+    they count; a conflict is an answer, not a fault, and passes at once. A lost acknowledgement of a conditional
+    write shows up as a conflict on the retry, and the caller re-reads and finds its own token."""
+
+    def __init__(self, store: Any, uri: str) -> None:
+        self._inner, self._uri = store, uri
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._inner, name)
+        if name not in ("read", "create", "replace", "delete"):
+            return method
+        return lambda *args: with_retries(lambda: method(*args), f"lease {name} of {self._uri}")
+
+
 def _store_for(
     uri: str, storage_options: dict[str, Any] | None, conditional_writes: bool | None, settle_s: float
 ) -> _LocalStore | _S3Store | _VerifyStore:
@@ -384,7 +400,8 @@ class OutputLease:
         self.pid = os.getpid()
         self.on_lost = on_lost
         self._clock = clock
-        self._store = _store_for(self.uri, self.layout.storage_options, conditional_writes, settle_s)
+        store = _store_for(self.uri, self.layout.storage_options, conditional_writes, settle_s)
+        self._store = _Retrying(store, self.uri)
         self._mutex = threading.RLock()
         self._record: dict[str, Any] | None = None
         self._lost: LeaseLost | None = None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,9 +20,10 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from farm import storage
+from farm.faults import DEFAULT_RETRY, Fault, classify, with_retries
 from farm.models.base import GenerationRequest
 from farm.params import SAMPLING_FIELDS, SamplingParams, check_seed, is_missing
-from farm.records import ErrorCode, RowError
+from farm.records import ErrorCode, InfraError, RowError
 from farm.results import carried_name
 
 REQUIRED_COLUMNS: tuple[str, ...] = ("id", "portrait", "prompt")
@@ -49,6 +51,11 @@ def _find_parquet(fs: Any, root: str) -> list[str]:
 
 
 def _expand(uri: str, storage_options: dict[str, Any] | None) -> tuple[Any, list[str]]:
+    """The manifest's files; storage faults are retried (``farm.faults``), then ``InfraError``."""
+    return with_retries(lambda: _expand_once(uri, storage_options), f"listing manifest {uri!r}")
+
+
+def _expand_once(uri: str, storage_options: dict[str, Any] | None) -> tuple[Any, list[str]]:
     fs, path = storage.get_fs(uri, storage_options)
     if fs.exists(path):  # checked first: a real name may contain glob characters (``run[1]/m.parquet``)
         files = _find_parquet(fs, path) if fs.isdir(path) else [path]
@@ -133,8 +140,10 @@ class Manifest:
         per_file: list[tuple[str, int, pa.Schema]] = []
         for f in files:
             try:
-                meta = pq.read_metadata(f, filesystem=self.fs)
+                meta = with_retries(lambda f=f: pq.read_metadata(f, filesystem=self.fs), f"reading manifest {f!r}")
                 schema = meta.schema.to_arrow_schema()
+            except InfraError:
+                raise
             except Exception as exc:  # noqa: BLE001 - any unreadable footer is a manifest error
                 raise ManifestError(f"manifest file {f!r} is not readable Parquet: {exc}") from None
             repeated = sorted(n for n, count in Counter(schema.names).items() if count > 1)
@@ -198,15 +207,32 @@ class Manifest:
         names = self.schema.names if columns is None else columns
         schema = pa.schema([self.schema.field(n) for n in names])
         for path in self.files:
+            yield from self._file_batches(path, names, schema)
+
+    def _file_batches(self, path: str, names: list[str], schema: pa.Schema) -> Iterator[pa.RecordBatch]:
+        """One file's batches; a storage fault mid-file reopens it and skips the batches already given (retried as
+        ``farm.faults`` says, then ``InfraError``); a damaged file is a ``ManifestError`` naming it."""
+        given = 0
+        for attempt in range(1, DEFAULT_RETRY.attempts + 1):
             try:
                 with self.fs.open(path, "rb") as fh:
                     parquet = pq.ParquetFile(fh)
                     have = set(parquet.schema_arrow.names)  # a property that rebuilds the schema: read it once
                     present = [n for n in names if n in have]
-                    for batch in parquet.iter_batches(batch_size=self.batch_rows, columns=present):
-                        yield _conform(batch, schema)
-            except (OSError, ValueError, pa.ArrowException) as exc:
-                raise ManifestError(f"manifest file {path!r} cannot be read: {exc}") from None
+                    for i, batch in enumerate(parquet.iter_batches(batch_size=self.batch_rows, columns=present)):
+                        if i >= given:
+                            yield _conform(batch, schema)
+                            given += 1
+                return
+            except Exception as exc:  # noqa: BLE001 - classified: storage faults retried, damage named
+                if classify(exc) is Fault.INFRA:
+                    if attempt < DEFAULT_RETRY.attempts:
+                        time.sleep(DEFAULT_RETRY.delay(attempt))
+                        continue
+                    raise InfraError(f"reading manifest {path!r} failed after {attempt} attempts: {exc}") from exc
+                if isinstance(exc, OSError | ValueError | pa.ArrowException):
+                    raise ManifestError(f"manifest file {path!r} cannot be read: {exc}") from None
+                raise
 
     def rows(self) -> Iterator[dict[str, Any]]:
         for batch in self.batches():

@@ -474,3 +474,56 @@ def test_farm_status_on_a_silent_endpoint_ends_with_a_message_not_a_traceback(
     err = capsys.readouterr().err
     assert code == 3 and err.startswith("error: storage:") and "Traceback" not in err
     assert time.monotonic() - start < 30
+
+
+def test_classifier_knows_status_attributes_wrapped_resets_and_closed_sessions() -> None:
+    """Found by benchmarks/bench_faults.py: these transient faults failed rows permanently (portrait_unreadable)."""
+    from farm.faults import Fault, classify
+
+    class HttpError(Exception):  # gcsfs: the status in .code
+        def __init__(self, message: str, code: int) -> None:
+            super().__init__(message)
+            self.code = code
+
+    class HttpResponseError(Exception):  # azure-core: the status in .status_code
+        def __init__(self, message: str, status_code: int) -> None:
+            super().__init__(message)
+            self.status_code = status_code
+
+    class ProtocolError(Exception):  # urllib3: the reset travels in the arguments
+        pass
+
+    assert classify(HttpError("unavailable", 503)) is Fault.INFRA
+    assert classify(HttpError("no such object", 404)) is Fault.MISSING
+    assert classify(HttpResponseError("busy", 503)) is Fault.INFRA
+    assert classify(ProtocolError("Connection aborted.", ConnectionResetError(104, "reset"))) is Fault.INFRA
+    assert classify(RuntimeError("Session is closed")) is Fault.INFRA
+    assert classify(OSError("Couldn't deserialize thrift")) is Fault.OTHER  # a parser's error: damage, not a fault
+
+
+def test_manifest_reads_survive_transient_storage_faults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by benchmarks/bench_faults.py: one storage fault while listing or reading the manifest aborted the run."""
+    import fsspec.implementations.local as local
+
+    from farm.manifest import Manifest
+    from tests.helpers import rows, write_manifest
+
+    monkeypatch.setattr("farm.faults.DEFAULT_RETRY", RetryPolicy(3, 0.01, 0.02))
+    monkeypatch.setattr("farm.manifest.DEFAULT_RETRY", RetryPolicy(3, 0.01, 0.02))
+    path = write_manifest(tmp_path / "m.parquet", rows(50))
+    real_open, real_exists = local.LocalFileSystem._open, local.LocalFileSystem.exists
+    faults = {"open": 1, "exists": 1}
+
+    def flaky(name: str, real: Any) -> Any:
+        def call(self: Any, *args: Any, **kwargs: Any) -> Any:
+            if faults[name]:
+                faults[name] -= 1
+                raise ConnectionResetError(104, "connection reset by peer")
+            return real(self, *args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(local.LocalFileSystem, "_open", flaky("open", real_open))
+    monkeypatch.setattr(local.LocalFileSystem, "exists", flaky("exists", real_exists))
+    ids = [r["id"] for r in Manifest(path).rows()]
+    assert ids == [f"row-{i:03d}" for i in range(50)] and faults == {"open": 0, "exists": 0}

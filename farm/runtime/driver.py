@@ -29,7 +29,7 @@ from farm.lease import LeaseLost, OutputLease
 from farm.manifest import Manifest, ManifestError, RowDefaults, RowState, plan_rows, resolve_row
 from farm.models import build_backend
 from farm.models.base import GenerationRequest
-from farm.records import ErrorCode, RowError, Status
+from farm.records import ErrorCode, InfraError, RowError, Status
 from farm.runtime import cluster
 from farm.runtime.errors import JobAborted
 from farm.runtime.pool import Ask, Done, Dropped, Lost, Paused, Ready, ReplicaPool
@@ -38,6 +38,7 @@ from farm.storage import OutputLayout, is_local
 from farm.worker import row_defaults
 
 log = logging.getLogger("farm")
+MAX_COMMIT_FAILURES = 10  # results parts that storage refused in a row (each after its own retries) end the run
 
 # Fields a replica's record carries for the driver only (not result columns): read and removed before the record is
 # merged with the row's carried-through manifest columns, so a manifest column of the same name keeps its value.
@@ -102,6 +103,7 @@ class Driver:
         self.run_id = ""
         self.first_dispatch_s: float | None = None
         self.already_committed = 0
+        self.commit_failures = 0
         self.pool: ReplicaPool | None = None
         self.scheduler: Scheduler | None = None
         self._last_reconcile = -1e9
@@ -191,7 +193,30 @@ class Driver:
         if record.get("error_code"):
             self.counts[f"failed:{record['error_code']}"] += 1
         self._tick()
-        self.writer.add(record)
+        try:
+            self.writer.add(record)  # buffered first: a failed commit keeps it for the next try
+        except InfraError as exc:
+            self._commit_failed(exc)
+
+    def _commit_due(self) -> None:
+        try:
+            self._commit_due()
+        except InfraError as exc:
+            self._commit_failed(exc)
+        else:
+            self.commit_failures = 0 if not self.writer.buffer else self.commit_failures
+
+    def _commit_failed(self, exc: InfraError) -> None:
+        """Storage refused a results part even after its retries: keep the records buffered and try again later."""
+        self.commit_failures += 1
+        log.warning(
+            "committing %d record(s) failed (%d in a row, retried every commit_every_s): %s",
+            len(self.writer.buffer),
+            self.commit_failures,
+            exc,
+        )
+        if self.commit_failures >= MAX_COMMIT_FAILURES:
+            raise JobAborted(f"results could not be committed {self.commit_failures} times in a row: {exc}") from exc
 
     def _commit_finals(self, finals: list[Final]) -> None:
         for final in finals:
@@ -374,10 +399,14 @@ class Driver:
         return summary
 
     def _finish(self, status: str, rows_seen: int, start: float) -> RunSummary:
+        unsaved = None
         try:
             self.writer.flush()
-        except LeaseLost as exc:
-            log.error("buffered records not committed: %s", exc)
+        except (LeaseLost, InfraError) as exc:
+            unsaved = (
+                f"{len(self.writer.buffer)} record(s) could not be committed ({exc}); a rerun makes those rows again"
+            )
+            log.error("%s", unsaved)
         busy = _busy_fraction(self.pool.stats())
         self.pool.shutdown()
         if self.bar is not None:
@@ -395,7 +424,12 @@ class Driver:
         )
         if self.lease.lost is None:
             self._write_job_json(status=status, summary=summary)
-        self.lease.release()
+        try:
+            self.lease.release()
+        except Exception as exc:  # noqa: BLE001 - the work is committed; the lease just expires after its ttl
+            log.warning("could not release the output lease (%s); it expires after lease_ttl_s", exc)
+        if unsaved and status == "finished":
+            raise JobAborted(unsaved)
         return summary
 
     def _loop(self) -> None:
