@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -43,3 +46,17 @@ def still_job(manifest: str, output: str, **sections: Any) -> JobSpec:
         else:
             data[key] = value
     return parse_job(data)
+
+
+def farm_run_process(spec: str | Path, address: str) -> subprocess.Popen:
+    """`farm run SPEC` as its own process joined to the Ray cluster at ``address`` (as under ``ray job submit``);
+    stdout and stderr together, as text."""
+    env = {**os.environ, "RAY_ADDRESS": address}
+    return subprocess.Popen(
+        [sys.executable, "-m", "farm.cli", "run", str(spec), "--no-progress"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )

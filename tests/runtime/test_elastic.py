@@ -23,7 +23,7 @@ import yaml
 
 from farm.results import read_results
 from farm.storage import OutputLayout
-from tests.helpers import rows, write_manifest
+from tests.helpers import farm_run_process, rows, write_manifest
 
 
 @pytest.fixture()
@@ -53,18 +53,6 @@ def _spec(tmp_path: Path, n_rows: int, **sections: Any) -> Path:
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
-
-
-def _farm(spec: Path, address: str) -> subprocess.Popen:
-    env = {**os.environ, "RAY_ADDRESS": address}
-    return subprocess.Popen(
-        [sys.executable, "-m", "farm.cli", "run", str(spec), "--no-progress"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
 
 
 def _records(out: Path) -> dict[str, dict[str, Any]]:
@@ -97,7 +85,7 @@ def test_job_waits_for_gpu_nodes_then_uses_nodes_added_mid_job_and_survives_losi
     """0 GPUs at start: no CPU replica, the job waits; GPU nodes that join are used; a node killed mid-job (no
     graceful drain, as a spot preemption) loses no row and charges none."""
     spec = _spec(tmp_path, 40)
-    proc = _farm(spec, cluster.address)
+    proc = farm_run_process(spec, cluster.address)
     time.sleep(6)  # the driver is up and waiting: nothing may have run without a GPU
     assert proc.poll() is None and _committed(tmp_path / "out") == 0
     first = cluster.add_node(num_cpus=1, num_gpus=1)
@@ -123,7 +111,7 @@ def test_job_waits_for_gpu_nodes_then_uses_nodes_added_mid_job_and_survives_losi
     data = yaml.safe_load(spec.read_text())
     data.update(output=str(tmp_path / "unshared"), output_shared=False)
     spec.write_text(yaml.safe_dump(data))
-    refused = _farm(spec, cluster.address)
+    refused = farm_run_process(spec, cluster.address)
     output = refused.communicate(timeout=120)[0]
     assert refused.returncode == 2 and "output_shared: true" in output, output
     assert not (tmp_path / "unshared").exists()
@@ -135,7 +123,7 @@ def test_a_crash_on_a_row_is_still_charged_on_a_multi_node_cluster(cluster: Any,
     cluster.add_node(num_cpus=1, num_gpus=1)
     cluster.add_node(num_cpus=1, num_gpus=1)
     spec = _spec(tmp_path, 8, runtime={"max_attempts": 2, "inject_faults": {"crash": {"row-003": 5}}})
-    proc = _farm(spec, cluster.address)
+    proc = farm_run_process(spec, cluster.address)
     output = proc.communicate(timeout=300)[0]
     assert proc.returncode == 0, output
     recs = _records(tmp_path / "out")
@@ -148,7 +136,7 @@ def test_replicas_are_replaced_when_capacity_returns(cluster: Any, tmp_path: Pat
     """The only GPU node dies mid-job: rows wait (uncharged) until a new node joins, then finish there."""
     only = cluster.add_node(num_cpus=1, num_gpus=1)
     spec = _spec(tmp_path, 24)
-    proc = _farm(spec, cluster.address)
+    proc = farm_run_process(spec, cluster.address)
     _wait_for(lambda: _committed(tmp_path / "out") >= 4, proc, 120, "first rows")
     cluster.remove_node(only, allow_graceful=False)
     time.sleep(8)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,7 +13,7 @@ import yaml
 
 from farm.results import read_results
 from farm.storage import OutputLayout
-from tests.helpers import rows, still_job, write_manifest
+from tests.helpers import farm_run_process, rows, still_job, write_manifest
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
@@ -33,17 +31,6 @@ def _spec(tmp_path: Path, manifest: str, out: str, delay: float) -> Path:
     return path
 
 
-def _farm(spec: Path, address: str) -> subprocess.Popen:
-    env = {**os.environ, "RAY_ADDRESS": address}
-    return subprocess.Popen(
-        [sys.executable, "-m", "farm.cli", "run", str(spec), "--no-progress"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-
-
 def test_driver_killed_then_rerun(tmp_path: Path) -> None:
     import ray
 
@@ -52,10 +39,10 @@ def test_driver_killed_then_rerun(tmp_path: Path) -> None:
     out = str(tmp_path / "out")
     spec = _spec(tmp_path, manifest, out, delay=0.3)
     layout = OutputLayout(out)
-    proc = _farm(spec, address)
+    proc = farm_run_process(spec, address)
     deadline = time.time() + 120
     while time.time() < deadline and len(layout.result_parts()) < 2:
-        assert proc.poll() is None, proc.stdout.read().decode()
+        assert proc.poll() is None, proc.stdout.read()
         time.sleep(0.1)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -64,8 +51,8 @@ def test_driver_killed_then_rerun(tmp_path: Path) -> None:
     assert 0 < len(committed) < 16, "the driver should die mid-run"
     stamps = {i: os.stat(tmp_path / "out" / "videos" / f"{i}.mp4").st_mtime_ns for i in committed}
 
-    rerun = _farm(spec, address)
-    output = rerun.communicate(timeout=300)[0].decode()
+    rerun = farm_run_process(spec, address)
+    output = rerun.communicate(timeout=300)[0]
     assert rerun.returncode == 0, output
     final = read_results(layout)
     ids = final.column("id").to_pylist()
@@ -89,15 +76,15 @@ def test_sigterm_commits_buffered_records_and_marks_the_run_interrupted(tmp_path
     data = yaml.safe_load(spec.read_text())
     data["runtime"].update(commit_every_rows=1000, commit_every_s=3600)  # nothing is committed until the end
     spec.write_text(yaml.safe_dump(data))
-    proc = _farm(spec, ray.get_runtime_context().gcs_address)
+    proc = farm_run_process(spec, ray.get_runtime_context().gcs_address)
     videos = tmp_path / "out" / "videos"
     deadline = time.time() + 120
     while time.time() < deadline and len(list(videos.glob("*.mp4"))) < 3:
-        assert proc.poll() is None, proc.stdout.read().decode()
+        assert proc.poll() is None, proc.stdout.read()
         time.sleep(0.1)
     assert OutputLayout(out).result_parts() == []
     proc.send_signal(signal.SIGTERM)
-    output = proc.communicate(timeout=120)[0].decode()
+    output = proc.communicate(timeout=120)[0]
     assert proc.returncode == 130, output
     committed = read_results(OutputLayout(out))
     assert committed.num_rows >= 3 and set(committed.column("status").to_pylist()) == {"ok"}
