@@ -200,11 +200,12 @@ class Driver:
 
     def _commit_due(self) -> None:
         try:
-            self._commit_due()
+            self.writer.flush_if_due()
         except InfraError as exc:
             self._commit_failed(exc)
         else:
-            self.commit_failures = 0 if not self.writer.buffer else self.commit_failures
+            if not self.writer.buffer:
+                self.commit_failures = 0
 
     def _commit_failed(self, exc: InfraError) -> None:
         """Storage refused a results part even after its retries: keep the records buffered and try again later."""
@@ -449,7 +450,7 @@ class Driver:
             for event in self.pool.wait(min(1.0, self.writer.due_in())):
                 self._on_event(event)
             self._kill_late()
-            self.writer.flush_if_due()
+            self._commit_due()
 
     def _write_job_json(self, status: str, summary: RunSummary | None = None) -> None:
         previous = self.layout.read_json(self.layout.job_json)

@@ -358,3 +358,32 @@ def test_run_skips_a_damaged_results_part(tmp_path: Path, caplog: pytest.LogCapt
     assert summary.counts["ok"] == 2
     assert set(_records(str(out))) == {"row-000", "row-001"}
     assert str(out / "results" / "notes.parquet") in caplog.text
+
+
+def test_a_results_part_that_storage_refuses_stays_buffered_and_is_committed_later(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A part refused even after storage's own retries does not abort the run: its records wait for the next commit."""
+    from farm import results
+    from farm.records import InfraError
+
+    real, refusals = results.write_part, {"left": 2}
+
+    def refusing(*args: Any, **kwargs: Any) -> str:
+        if refusals["left"]:
+            refusals["left"] -= 1
+            raise InfraError("writing a results part failed after 3 attempts: 503 SlowDown")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(results, "write_part", refusing)
+    manifest = write_manifest(tmp_path / "m.parquet", rows(6))
+    out = str(tmp_path / "out")
+    timed_commits_only = {  # every commit goes through the loop's timed flush, the path that used to abort
+        "commit_every_rows": 1000,
+        "commit_every_s": 0.3,
+        "inject_faults": {"delay": {f"row-{i:03d}": 0.3 for i in range(6)}},
+    }
+    job = still_job(manifest, out, resources={"replicas": 1, **FAST}, runtime=timed_commits_only)
+    summary = run_job(job, progress=False)
+    assert refusals["left"] == 0 and summary.counts["ok"] == 6
+    assert sorted(_records(out)) == [f"row-{i:03d}" for i in range(6)] and _raw_record_count(out) == 6
