@@ -90,7 +90,6 @@ class _Handle:
     key: str
     actor: Any
     info_ref: Any
-    created_at: float
     info: dict[str, Any] | None = None
     refs: dict[Any, int] = field(default_factory=dict)  # in-flight ref -> ticket
     probe_ref: Any = None
@@ -157,7 +156,7 @@ class ReplicaPool:
             num_gpus=self.ask.gpus,
             num_cpus=self.ask.cpus,
         ).remote(self.job, key)
-        self.handles[key] = _Handle(key, actor, actor.info.remote(), time.monotonic())
+        self.handles[key] = _Handle(key, actor, actor.info.remote())
 
     # ------------------------------------------------------------------ rows
     def submit(self, key: str, ticket: int, payload: dict[str, Any]) -> None:
@@ -194,7 +193,7 @@ class ReplicaPool:
         return events
 
     def _on_ready(self, handle: _Handle, ref: Any) -> list[Any]:
-        if ref is handle.probe_ref or ref == handle.probe_ref:
+        if ref == handle.probe_ref:
             return self._on_probe(handle)
         if ref == handle.info_ref and handle.info is None:
             return self._on_info(handle)

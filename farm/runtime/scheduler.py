@@ -45,7 +45,6 @@ class Task:
     suspect: bool = False
     avoid: str | None = None  # replica that last failed it
     last_fault: tuple[ErrorCode, str] | None = None
-    first_dispatch: float | None = None
 
     @property
     def id(self) -> str:
@@ -276,7 +275,6 @@ class Scheduler:
         now = self.clock()
         deadline = now + self.row_timeout_s * (1 + len(replica.inflight))
         task.dispatches += 1
-        task.first_dispatch = now if task.first_dispatch is None else task.first_dispatch
         ticket = next(self._tickets)
         replica.inflight[ticket] = (task, deadline)
         return Dispatch(replica.key, ticket, task)
