@@ -106,7 +106,6 @@ def cmd_results(args: argparse.Namespace) -> int:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    from farm import secrets
     from farm.scoring import ScoreAborted, score_manifest
 
     try:

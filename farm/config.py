@@ -236,8 +236,9 @@ def _format_errors(err: ValidationError, source: str) -> str:
         where = ".".join(str(p) for p in item["loc"]) or "(top level)"
         value = item.get("input")
         hidden = "storage_options" in item["loc"] or any(secrets.is_credential_key(p) for p in item["loc"])
-        shown = "" if isinstance(value, dict) else f" (got {REDACTED!r})" if hidden else f" (got {value!r})"
-        shown = secrets.strip_userinfo(shown)
+        shown = ""
+        if not isinstance(value, dict):
+            shown = secrets.strip_userinfo(f" (got {REDACTED if hidden else value!r})")
         lines.append(f"  {where}: {item['msg']}{shown}")
     return "\n".join(lines)
 
