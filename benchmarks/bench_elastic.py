@@ -52,8 +52,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from farm.results import read_results
 from farm.storage import OutputLayout
+from farm.table import read_results
 
 REPO = Path(__file__).resolve().parents[1]
 PORTRAIT = "pkg://skimage/data/astronaut.png"
@@ -192,7 +192,7 @@ class PartWatcher:
         self.nodes: Counter[str] = Counter()
 
     def poll(self) -> None:
-        for part in self.layout.result_parts():
+        for part in self.layout.log_parts():
             if part in self.seen:
                 continue
             try:
@@ -415,7 +415,7 @@ def phase_chaos(cluster: Any, tmp: Path, args: argparse.Namespace, rows_per_s: f
     rows = row_times(out)
     ids = {r["id"] for r in rows}
     wanted = set(pq.read_table(manifest, columns=["id"]).column("id").to_pylist())
-    raw = sum(pq.read_metadata(p).num_rows for p in layout.result_parts())
+    raw = sum(pq.read_metadata(p).num_rows for p in layout.log_parts())
     losses = farm.losses()
     run = (layout.read_json(layout.job_json).get("runs") or [{}])[-1]
     ready = farm.ready_at()

@@ -53,8 +53,8 @@ import flakyfs  # noqa: E402 - the benchmark folder is put on the path just abov
 from farm import storage  # noqa: E402
 from farm.config import parse_job  # noqa: E402
 from farm.faults import classify  # noqa: E402
-from farm.results import read_results  # noqa: E402
 from farm.storage import OutputLayout  # noqa: E402
+from farm.table import read_results  # noqa: E402
 
 PORTRAIT = "pkg://skimage/data/astronaut.png"
 RETRY_RE = re.compile(r"^row (\S+): (.*) on (replica-\d+) \(attempt (\d+)\)")
@@ -210,7 +210,7 @@ def run_until_done(job: Any, out_dir: Path, args: argparse.Namespace) -> list[di
 # ------------------------------------------------------------------ checks (no wrapper: the local folder)
 def check_output(out_dir: Path, ids: list[str]) -> dict[str, Any]:
     layout = OutputLayout(str(out_dir))
-    parts = layout.result_parts()
+    parts = layout.log_parts()
     table = read_results(layout, ["status", "error_code", "error_message", "attempts", "video"])
     records = table.to_pylist()
     got = {r["id"] for r in records}

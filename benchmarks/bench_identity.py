@@ -29,9 +29,9 @@ from farm import storage
 from farm.identity.recognizer import Recognizer, build_recognizer
 from farm.identity.tiny_pack import write_tiny_insightface_pack
 from farm.models import build_backend
-from farm.models.base import GenerationRequest, ModelSpec
 from farm.models.still import StillBackend
 from farm.params import SamplingParams
+from farm.types import GenerationRequest, ModelSpec
 from farm.video import decode_video, encode_mp4
 
 

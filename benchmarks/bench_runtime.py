@@ -29,8 +29,8 @@ import pyarrow.parquet as pq
 from farm import storage
 from farm.config import parse_job
 from farm.manifest import RowDefaults, resolve_row
-from farm.models.base import ModelSpec
 from farm.models.simulated import SimulatedBackend
+from farm.types import ModelSpec
 from farm.video import encode_mp4
 
 PORTRAIT = "pkg://skimage/data/astronaut.png"

@@ -13,9 +13,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from farm import secrets, storage
 from farm.faults import RetryPolicy
 from farm.images import ImageLimits
-from farm.models.base import ModelSpec
 from farm.params import SAMPLING_FIELDS, check_field, check_seed, coerce
 from farm.secrets import REDACTED
+from farm.types import ModelSpec
 
 
 class SpecError(ValueError):

@@ -21,10 +21,10 @@ import pyarrow.parquet as pq
 
 from farm import storage
 from farm.faults import DEFAULT_RETRY, Fault, classify, with_retries
-from farm.models.base import GenerationRequest
 from farm.params import SAMPLING_FIELDS, SamplingParams, check_seed, is_missing
 from farm.records import ErrorCode, InfraError, RowError
 from farm.results import carried_name
+from farm.types import GenerationRequest
 
 REQUIRED_COLUMNS: tuple[str, ...] = ("id", "portrait", "prompt")
 OPTIONAL_COLUMNS: tuple[str, ...] = ("negative_prompt", "seed", *SAMPLING_FIELDS, "rights_confirmed")

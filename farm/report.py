@@ -15,8 +15,8 @@ import pyarrow.parquet as pq
 from farm import secrets, storage
 from farm.lease import OutputLease, describe_holder
 from farm.manifest import column_values
-from farm.results import DamagedPart, read_results
 from farm.storage import OutputLayout
+from farm.table import DamagedPart, read_results
 
 
 def status_text(output: str, storage_options: dict[str, Any] | None = None) -> str:

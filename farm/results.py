@@ -1,8 +1,9 @@
-"""Result records: the one Arrow schema, writing committed parts, and reading them back merged.
+"""Result records: the one Arrow schema, and committing records as parts of the output's append log.
 
 Commit protocol (README "Resume"): a row's video is fully written (atomic write / single PUT) before the driver adds
-its record to a part file; a part file appears atomically; a rerun reads the ``id`` column of every part and skips
-those ids. Reading merges all parts and keeps the newest record per id (``committed_at``), so readers never see two.
+its record to a part file; a part file appears atomically under ``<out>/_log/``. Every part is named and stamped with
+the run's sequence number (``run_seq``, taken under the output lease), so the newest record of an id is the one of the
+highest ``run_seq`` whatever the clocks said; ``farm.table`` reads the log back merged.
 """
 
 from __future__ import annotations
@@ -13,11 +14,9 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from farm import storage
@@ -56,6 +55,8 @@ CORE_FIELDS: tuple[pa.Field, ...] = (
     pa.field("gpu_ids", pa.string()),
     pa.field("attempts", pa.int32()),
     pa.field("committed_at", pa.timestamp("ms", tz="UTC")),
+    pa.field("run_seq", pa.int64()),
+    pa.field("run_id", pa.string()),
 )
 
 IDENTITY_FIELDS: tuple[pa.Field, ...] = (
@@ -95,147 +96,15 @@ def records_to_table(records: Iterable[dict[str, Any]], schema: pa.Schema) -> pa
     return pa.Table.from_pydict(columns, schema=schema)
 
 
-def write_part(layout: OutputLayout, run_id: str, seq: int, records: list[dict[str, Any]], schema: pa.Schema) -> str:
-    """Commit ``records`` as one Parquet part (atomic); returns its URI."""
+def write_part(
+    layout: OutputLayout, run_seq: int, run_id: str, seq: int, records: list[dict[str, Any]], schema: pa.Schema
+) -> str:
+    """Commit ``records`` as one Parquet part of the log (atomic); returns its URI."""
     buf = io.BytesIO()
     pq.write_table(records_to_table(records, schema), buf, compression="zstd")
-    uri = layout.results_part(run_id, seq)
+    uri = layout.log_part(run_seq, run_id, seq)
     storage.write_bytes_atomic(uri, buf.getvalue(), layout.storage_options)
     return uri
-
-
-@dataclass(frozen=True)
-class DamagedPart:
-    """A file under ``results/`` that is not a readable result part; readers skip it (README "Damaged parts")."""
-
-    uri: str
-    reason: str
-
-
-REQUIRED_COLUMNS = ("id", "status")
-
-
-def _read_part(
-    uri: str, layout: OutputLayout, columns: list[str] | None, damaged: list[DamagedPart] | None
-) -> pa.Table | None:
-    """One part; of ``columns`` only those it has (parts of earlier runs may lack a column added since).
-
-    The bytes are fetched first, so a storage fault still raises (a rerun must not redo committed rows because S3
-    hiccuped); a file that then does not parse as a result part is logged, added to ``damaged`` and skipped.
-    """
-    try:
-        data = storage.read_bytes(uri, layout.storage_options)
-    except IsADirectoryError as exc:  # a folder (a Spark/Dask dataset) or a FIFO named *.parquet
-        return _damaged(uri, f"not a part file ({exc})", damaged)
-    try:
-        part = pq.ParquetFile(pa.BufferReader(data))
-        have = part.schema_arrow.names
-        missing = [c for c in REQUIRED_COLUMNS if c not in have]
-        if missing:
-            return _damaged(uri, f"not a result part: no {' / '.join(missing)} column", damaged)
-        id_type = part.schema_arrow.field("id").type
-        if not (pa.types.is_string(id_type) or pa.types.is_large_string(id_type)):
-            return _damaged(uri, f"not a result part: its id column is {id_type}, not text", damaged)
-        if columns is not None:
-            columns = [c for c in columns if c in have]
-        return part.read(columns=columns)
-    except (pa.ArrowException, OSError, ValueError) as exc:
-        return _damaged(uri, f"unreadable Parquet ({type(exc).__name__}: {exc})", damaged)
-
-
-def _damaged(uri: str, reason: str, damaged: list[DamagedPart] | None) -> None:
-    log.warning("skipping damaged result part %s: %s; move it out of results/ to silence this", uri, reason)
-    if damaged is not None:
-        damaged.append(DamagedPart(uri, reason))
-
-
-def committed_ids(layout: OutputLayout, damaged: list[DamagedPart] | None = None) -> set[str]:
-    """Every id that already has a committed record (reads only the ``id`` column); damaged parts are skipped."""
-    out: set[str] = set()
-    for uri in layout.result_parts():
-        part = _read_part(uri, layout, ["id"], damaged)
-        if part is not None:
-            out.update(part.column("id").to_pylist())
-    return out
-
-
-def _as_text(column: pa.ChunkedArray) -> pa.Array:
-    """A column as text, for when runs wrote it with types that cannot be merged."""
-    try:
-        return pc.cast(column.combine_chunks(), pa.large_string())
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-        return pa.array([_scalar_text(v) for v in column], pa.large_string())
-
-
-def _scalar_text(value: pa.Scalar) -> str | None:
-    if not value.is_valid:
-        return None
-    try:
-        return str(value.as_py())
-    except (ValueError, OverflowError, ArithmeticError):
-        return f"<{value.type} value Python cannot show>"
-
-
-def _concat(tables: list[pa.Table]) -> pa.Table:
-    """Concatenate parts; a carried-through column whose type changed between runs (the manifest was edited) is
-    merged as text instead of failing every later read."""
-    try:
-        return pa.concat_tables(tables, promote_options="permissive")
-    except (pa.ArrowInvalid, pa.ArrowTypeError):
-        pass
-    types: dict[str, list[pa.DataType]] = {}
-    for table in tables:
-        for fld in table.schema:
-            types.setdefault(fld.name, []).append(fld.type)
-    clash = []
-    for name, seen in types.items():
-        try:
-            pa.unify_schemas([pa.schema([pa.field(name, t)]) for t in seen], promote_options="permissive")
-        except (pa.ArrowInvalid, pa.ArrowTypeError):
-            clash.append(name)
-    log.warning("result parts disagree on the type of column(s) %s: merged as text", clash)
-    fixed = []
-    for table in tables:
-        for name in clash:
-            if name in table.column_names:
-                table = table.set_column(table.column_names.index(name), name, _as_text(table.column(name)))
-        fixed.append(table)
-    return pa.concat_tables(fixed, promote_options="permissive")
-
-
-def read_results(
-    layout: OutputLayout, columns: list[str] | None = None, damaged: list[DamagedPart] | None = None
-) -> pa.Table:
-    """All committed records, one per id (the newest wins), sorted by id; damaged parts are skipped (and listed in
-    ``damaged`` when given)."""
-    wanted = None if columns is None else list(dict.fromkeys(["id", "committed_at", *columns]))
-    tables = [t for t in (_read_part(uri, layout, wanted, damaged) for uri in layout.result_parts()) if t is not None]
-    if not tables:
-        return _select(result_schema().empty_table(), columns)
-    table = _concat(tables)
-    order = "_order"
-    while order in table.column_names:  # a carried-through column may have any name
-        order = f"_{order}"
-    table = table.append_column(order, pa.array(range(table.num_rows), pa.int64()))
-    table = table.sort_by([("id", "ascending"), ("committed_at", "ascending"), (order, "ascending")])
-    ids = table.column("id")
-    if table.num_rows > 1:
-        nxt = pc.not_equal(ids.slice(1), ids.slice(0, table.num_rows - 1))
-        keep = pa.concat_arrays([c for c in nxt.chunks] + [pa.array([True])])
-        table = table.filter(keep)
-    return _select(table.drop_columns([order]), columns)
-
-
-def _select(table: pa.Table, columns: list[str] | None) -> pa.Table:
-    """``id`` plus ``columns``; a column no part has comes back all-null (with its result type if it is a core one)."""
-    if columns is None:
-        return table
-    core = result_schema()
-    for name in columns:
-        if name not in table.column_names:
-            kind = core.field(name).type if name in core.names else pa.null()
-            table = table.append_column(pa.field(name, kind), pa.nulls(table.num_rows, kind))
-    return table.select(columns if "id" in columns else ["id", *columns])
 
 
 def new_run_id() -> str:
@@ -249,9 +118,11 @@ class ResultWriter:
         self,
         layout: OutputLayout,
         schema: pa.Schema,
+        run_seq: int,
         every_rows: int = 256,
         every_s: float = 15.0,
         guard: Callable[[], None] | None = None,
+        run_id: str | None = None,
     ) -> None:
         """``guard`` runs before every commit and may raise to stop it (the driver passes its output lease check)."""
         self.layout = layout
@@ -259,7 +130,8 @@ class ResultWriter:
         self.schema = schema
         self.every_rows = every_rows
         self.every_s = every_s
-        self.run_id = new_run_id()
+        self.run_id = run_id or new_run_id()
+        self.run_seq = run_seq
         self.buffer: list[dict[str, Any]] = []
         self.seq = 0
         self.last_flush = time.monotonic()
@@ -286,6 +158,8 @@ class ResultWriter:
         now = dt.datetime.now(dt.timezone.utc)
         for rec in self.buffer:
             rec["committed_at"] = now
-        write_part(self.layout, self.run_id, self.seq, self.buffer, self.schema)
+            rec["run_seq"] = self.run_seq
+            rec["run_id"] = self.run_id
+        write_part(self.layout, self.run_seq, self.run_id, self.seq, self.buffer, self.schema)
         self.seq += 1
         self.buffer = []

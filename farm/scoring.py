@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from tqdm import tqdm
 
-from farm import results, secrets, storage
+from farm import results, secrets, storage, table
 from farm.manifest import Manifest, ManifestError, RowState, plan_rows
 from farm.records import ErrorCode, InfraError, Status
 from farm.storage import OutputLayout
@@ -269,8 +269,8 @@ class _Pool:
 
 def _done_ids(layout: OutputLayout, retry_failed: bool) -> set[str]:
     if not retry_failed:
-        return results.committed_ids(layout)
-    merged = results.read_results(layout, ["status"])
+        return table.committed_ids(layout)
+    merged = table.read_results(layout, ["status"])
     return set(merged.filter(pc.equal(merged.column("status"), Status.OK.value)).column("id").to_pylist())
 
 
@@ -304,7 +304,7 @@ def score_manifest(
     layout = OutputLayout(output, options)
     extra = manifest.extra_columns
     schema = results.result_schema(pa.schema([manifest.schema.field(c) for c in extra]))
-    writer = results.ResultWriter(layout, schema, every_rows=64, every_s=10.0)
+    writer = results.ResultWriter(layout, schema, table.next_run_seq(layout), every_rows=64, every_s=10.0)
     done = _done_ids(layout, retry_failed)
     counts: Counter[str] = Counter()
     model = f"score:{recognizer}"

@@ -374,8 +374,10 @@ def read_image(uri: str, storage_options: dict[str, Any] | None = None) -> np.nd
 class OutputLayout:
     """Where a job's outputs live (documented in README):
 
-    ``<root>/videos/<id>.mp4``, ``<root>/results/part-<run>-<seq>.parquet``, ``<root>/_job.json``,
-    ``<root>/_lease.json`` (which run writes this output now; see ``farm.lease``).
+    ``<root>/videos/<id>.mp4``; ``<root>/_log/part-<run_seq>-<run_id>-<n>.parquet`` (the append log of records);
+    ``<root>/results/`` (the published table: one row per id, nothing else in the folder); ``<root>/_job.json``;
+    ``<root>/_lease.json`` (which run writes this output now; see ``farm.lease``). Outputs written before the log
+    moved kept their parts in ``<root>/results/part-*.parquet``: those are read as log parts until compacted.
     """
 
     root: str
@@ -396,8 +398,18 @@ class OutputLayout:
     def results_dir(self) -> str:
         return join(self.root, "results")
 
-    def results_part(self, run_id: str, seq: int) -> str:
-        return join(self.results_dir, f"part-{run_id}-{seq:06d}.parquet")
+    @property
+    def published(self) -> str:
+        """The one file of the published table (replaced atomically by each compaction)."""
+        return join(self.results_dir, "results.parquet")
+
+    @property
+    def log_dir(self) -> str:
+        return join(self.root, "_log")
+
+    def log_part(self, run_seq: int, run_id: str, n: int) -> str:
+        """Names sort in commit order: by run sequence, then the run's part number."""
+        return join(self.log_dir, f"part-{run_seq:08d}-{run_id}-{n:06d}.parquet")
 
     @property
     def job_json(self) -> str:
@@ -407,8 +419,14 @@ class OutputLayout:
     def lease(self) -> str:
         return join(self.root, "_lease.json")
 
-    def result_parts(self) -> list[str]:
-        return list_files(self.results_dir, ".parquet", self.storage_options)
+    def legacy_parts(self) -> list[str]:
+        """Log parts of outputs written before the log moved to ``_log/`` (``results/part-*.parquet``)."""
+        names = list_files(self.results_dir, ".parquet", self.storage_options)
+        return [n for n in names if posixpath.basename(n).startswith("part-")]
+
+    def log_parts(self) -> list[str]:
+        """Every part of the append log, oldest first (legacy parts, then ``_log/`` in name order)."""
+        return self.legacy_parts() + list_files(self.log_dir, ".parquet", self.storage_options)
 
     def read_json(self, uri: str) -> dict[str, Any]:
         """A JSON file under this output ({} when it does not exist yet or is not JSON)."""

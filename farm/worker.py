@@ -26,10 +26,11 @@ from farm import storage
 from farm.config import JobSpec
 from farm.manifest import RowDefaults
 from farm.models import build_backend
-from farm.models.base import Backend, GenerationRequest
+from farm.models.base import Backend
 from farm.params import SamplingParams
 from farm.records import ErrorCode, InfraError, RowError, Status
 from farm.storage import OutputLayout
+from farm.types import GenerationRequest
 from farm.video import decode_video, encode_mp4
 
 AI_NOTICE = "AI-generated video"

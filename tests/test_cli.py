@@ -11,8 +11,8 @@ import pytest
 import yaml
 
 from farm.cli import main
-from farm.results import read_results
 from farm.storage import OutputLayout, read_image
+from farm.table import read_results
 from farm.video import encode_mp4
 from tests.helpers import ASTRONAUT, SIX_FACES, TOM_HANKS, rows, write_manifest
 
@@ -102,7 +102,7 @@ def test_score_is_resumable_and_scores_real_faces(tmp_path: Path, capsys: pytest
     assert set(final) == {"same", "other", "noise", "dir", "missing"}
     assert final["dir"]["face_frames"] == 3
     assert final["missing"]["error_code"] == "video_unreadable"
-    assert sum(pq.read_metadata(p).num_rows for p in OutputLayout(out).result_parts()) == 5
+    assert sum(pq.read_metadata(p).num_rows for p in OutputLayout(out).log_parts()) == 5
 
 
 def test_status_and_results_export(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -159,8 +159,8 @@ def test_status_and_exports_survive_nested_and_extreme_values(
     far = pa.array([300_000_000_000_000, None], pa.timestamp("ms"))  # beyond datetime's range
     table = table.set_column(schema.get_field_index("far"), "far", far)
     layout = OutputLayout(str(tmp_path / "out"))
-    Path(layout.results_dir).mkdir(parents=True)
-    pq.write_table(table, layout.results_part("r", 0))
+    Path(layout.log_dir).mkdir(parents=True)
+    pq.write_table(table, layout.log_part(0, "r", 0))
     assert main(["status", layout.root]) == 0
     assert "generate_s mean: -" in capsys.readouterr().out
     assert main(["results", layout.root, "--format", "csv"]) == 0
@@ -179,6 +179,7 @@ def test_compare_joins_outputs_by_id(tmp_path: Path, capsys: pytest.CaptureFixtu
     lynx, still = OutputLayout(str(tmp_path / "lynx")), OutputLayout(str(tmp_path / "still"))
     write_part(
         lynx,
+        1,
         "r",
         0,
         [
@@ -190,6 +191,7 @@ def test_compare_joins_outputs_by_id(tmp_path: Path, capsys: pytest.CaptureFixtu
     )
     write_part(
         still,
+        1,
         "r",
         0,
         [

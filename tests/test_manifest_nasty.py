@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from farm import results
+from farm import results, table
 from farm.cli import main
 from farm.manifest import Manifest, ManifestError, RowDefaults, derive_seed, resolve_row
 from farm.params import SamplingParams
@@ -375,7 +375,7 @@ def _run_without_ray(manifest: Manifest, output: Path) -> pa.Table:
     extra = manifest.extra_columns
     schema = results.result_schema(pa.schema([manifest.schema.field(c) for c in extra]))
     layout = OutputLayout(str(output))
-    writer = results.ResultWriter(layout, schema, every_rows=2)
+    writer = results.ResultWriter(layout, schema, 1, every_rows=2)
     for row in manifest.rows():
         try:
             request = resolve_row(row, DEFAULTS)
@@ -385,7 +385,7 @@ def _run_without_ray(manifest: Manifest, output: Path) -> pa.Table:
         rec.update({results.carried_name(c): row[c] for c in extra})
         writer.add(rec)
     writer.flush()
-    return results.read_results(layout)
+    return table.read_results(layout)
 
 
 def test_nested_and_reserved_name_columns_carried_through(tmp_path: Path) -> None:
@@ -432,21 +432,21 @@ def test_results_survive_an_edited_manifest_between_runs(tmp_path: Path) -> None
     layout = OutputLayout(str(tmp_path / "out"))
     first = results.result_schema(pa.schema([pa.field("extra", pa.int64())]))
     second = results.result_schema(pa.schema([pa.field("extra", pa.string()), pa.field("lang", pa.string())]))
-    w1 = results.ResultWriter(layout, first)
+    w1 = results.ResultWriter(layout, first, 1)
     for i in range(3):
         w1.add({"id": f"r{i}", "status": "failed", "extra": i})
     w1.flush()
-    w2 = results.ResultWriter(layout, second)
+    w2 = results.ResultWriter(layout, second, 2)
     w2.add({"id": "r1", "status": "ok", "extra": "one", "lang": "en"})
     w2.flush()
-    got = results.read_results(layout)
+    got = table.read_results(layout)
     assert got.column("id").to_pylist() == ["r0", "r1", "r2"]
     assert got.column("status").to_pylist() == ["failed", "ok", "failed"]
     assert got.column("extra").to_pylist() == ["0", "one", "2"]
     assert got.column("lang").to_pylist() == [None, "en", None]
-    assert results.read_results(layout, ["lang"]).column_names == ["id", "lang"]
-    assert results.read_results(layout, ["nobody"]).column("nobody").null_count == 3
-    assert results.committed_ids(layout) == {"r0", "r1", "r2"}
+    assert table.read_results(layout, ["lang"]).column_names == ["id", "lang"]
+    assert table.read_results(layout, ["nobody"]).column("nobody").null_count == 3
+    assert table.committed_ids(layout) == {"r0", "r1", "r2"}
 
 
 def _job_yaml(tmp_path: Path, manifest: str) -> Path:

@@ -16,8 +16,9 @@ import pytest
 from farm import storage
 from farm.cli import main
 from farm.report import compare_outputs, export_results, status_text
-from farm.results import DamagedPart, committed_ids, read_results, result_schema, write_part
+from farm.results import result_schema, write_part
 from farm.storage import OutputLayout
+from farm.table import DamagedPart, committed_ids, read_results
 
 T0 = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
 
@@ -65,12 +66,12 @@ def _output(tmp_path: Path, damage: str) -> tuple[OutputLayout, str]:
     """Two good parts (a: failed then ok, b: ok) and one damaged file that sorts between them."""
     layout = OutputLayout(str(tmp_path / "out"))
     schema = result_schema(pa.schema([("lang", pa.string())]))
-    write_part(layout, "r1", 0, [{"id": "a", "status": "failed", "committed_at": T0, "lang": "en"}], schema)
+    write_part(layout, 1, "r1", 0, [{"id": "a", "status": "failed", "committed_at": T0, "lang": "en"}], schema)
     later = T0 + dt.timedelta(seconds=1)
     write_part(
-        layout, "r3", 0, [{"id": "a", "status": "ok", "committed_at": later}, {"id": "b", "status": "ok"}], schema
+        layout, 3, "r3", 0, [{"id": "a", "status": "ok", "committed_at": later}, {"id": "b", "status": "ok"}], schema
     )
-    bad = storage.join(layout.results_dir, "r2-00000.parquet")
+    bad = storage.join(layout.log_dir, "part-00000002-r2-000000.parquet")
     storage.write_bytes_atomic(bad, DAMAGE[damage]())
     return layout, bad
 
@@ -119,7 +120,7 @@ def test_status_results_compare_list_and_skip(
 
 def test_only_damaged_parts_read_as_empty(tmp_path: Path) -> None:
     layout = OutputLayout(str(tmp_path / "out"))
-    storage.write_bytes_atomic(storage.join(layout.results_dir, "x.parquet"), _not_parquet())
+    storage.write_bytes_atomic(storage.join(layout.log_dir, "x.parquet"), _not_parquet())
     assert committed_ids(layout) == set()
     assert read_results(layout, ["status"]).num_rows == 0
     assert "damaged parts: 1" in status_text(layout.root)
@@ -127,7 +128,7 @@ def test_only_damaged_parts_read_as_empty(tmp_path: Path) -> None:
 
 def test_a_folder_named_like_a_part_is_skipped(tmp_path: Path) -> None:
     layout, _ = _output(tmp_path, "empty")
-    (Path(layout.results_dir) / "spark-export.parquet").mkdir()
+    (Path(layout.log_dir) / "spark-export.parquet").mkdir()
     found: list[DamagedPart] = []
     assert read_results(layout, ["status"], found).column("id").to_pylist() == ["a", "b"]
     assert len(found) == 2 and any("spark-export.parquet" in d.uri for d in found)

@@ -13,9 +13,10 @@ from farm import secrets
 from farm.cli import main
 from farm.records import ErrorCode
 from farm.report import export_results, status_text
-from farm.results import ResultWriter, read_results, result_schema
+from farm.results import ResultWriter, result_schema
 from farm.runtime.driver import Driver, run_job
 from farm.storage import OutputLayout
+from farm.table import read_results
 from tests.helpers import rows, still_job, write_manifest
 
 KEY_ID = "AKIAFARMKEYID0000001"
@@ -130,7 +131,7 @@ def test_error_messages_of_records_are_scrubbed(tmp_path: Path) -> None:
     job = still_job(manifest, str(tmp_path / "out"), model={"options": {"storage_options": {"secret": MODEL_SECRET}}})
     driver = Driver(job, progress=False)
     driver.extra_columns = []
-    driver.writer = ResultWriter(driver.layout, result_schema())
+    driver.writer = ResultWriter(driver.layout, result_schema(), 1)
     row = {"id": "row-000", "portrait": f"https://me:{PASSWORD}@img.example/p.png", "prompt": "p"}
     driver._record_failure(row, None, ErrorCode.PORTRAIT_UNREADABLE, f"403 for s3://b/p.png with {MODEL_SECRET}")
     driver.writer.flush()

@@ -9,8 +9,9 @@ import pyarrow as pa
 import pytest
 
 from farm import storage
-from farm.results import committed_ids, read_results, result_schema, write_part
+from farm.results import result_schema, write_part
 from farm.storage import OutputLayout
+from farm.table import committed_ids, read_results
 from farm.video import decode_video, encode_mp4, read_metadata
 
 
@@ -61,6 +62,7 @@ def test_results_one_record_per_id_newest_wins(tmp_path: Path) -> None:
     t0 = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
     write_part(
         layout,
+        1,
         "r1",
         0,
         [
@@ -69,7 +71,7 @@ def test_results_one_record_per_id_newest_wins(tmp_path: Path) -> None:
         ],
         schema,
     )
-    write_part(layout, "r2", 0, [{"id": "a", "status": "ok", "committed_at": t0 + dt.timedelta(seconds=1)}], schema)
+    write_part(layout, 2, "r2", 0, [{"id": "a", "status": "ok", "committed_at": t0 + dt.timedelta(seconds=1)}], schema)
     assert committed_ids(layout) == {"a", "b"}
     table = read_results(layout)
     assert table.column("id").to_pylist() == ["a", "b"]

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import importlib
 
-from farm.models.base import Backend, GenerationRequest, ModelSpec, Resources
+from farm.models.base import Backend
+from farm.types import GenerationRequest, ModelSpec, ReplicaResources
 
 # name -> "module:Class"; imported lazily so that e.g. the `still` baseline never imports diffusers.
 BACKENDS: dict[str, str] = {
@@ -28,4 +29,12 @@ def build_backend(spec: ModelSpec) -> Backend:
     return backend_class(spec.backend)(spec)
 
 
-__all__ = ["BACKENDS", "Backend", "GenerationRequest", "ModelSpec", "Resources", "backend_class", "build_backend"]
+__all__ = [
+    "BACKENDS",
+    "Backend",
+    "GenerationRequest",
+    "ModelSpec",
+    "ReplicaResources",
+    "backend_class",
+    "build_backend",
+]

@@ -9,43 +9,12 @@ needs, loads once per replica in ``setup``, turns a portrait into a reusable ``s
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
 
 from farm.params import SamplingParams
-
-
-@dataclass(frozen=True)
-class Resources:
-    """What one replica of a backend needs; the runtime turns this into actor options."""
-
-    gpus: float = 1.0
-    cpus: float = 1.0
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """The model section of a job spec, as plain data (``farm.config`` builds it)."""
-
-    backend: str
-    variant: str | None = None
-    weights: dict[str, str] = field(default_factory=dict)  # role -> path or fsspec URI
-    dtype: str = "auto"  # auto | fp32 | bf16 | fp16 ; auto = bf16 on GPU, fp32 on CPU
-    options: dict[str, Any] = field(default_factory=dict)  # backend-specific knobs
-    storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec options for remote weight URIs
-
-
-@dataclass(frozen=True)
-class GenerationRequest:
-    """One row, resolved: every value here is the one actually used (it goes into the result record)."""
-
-    id: str
-    prompt: str
-    negative_prompt: str
-    params: SamplingParams
-    seed: int
+from farm.types import GenerationRequest, ModelSpec, ReplicaResources
 
 
 class Backend(ABC):
@@ -57,9 +26,9 @@ class Backend(ABC):
         self.spec = spec
 
     # --- declared without loading anything ---------------------------------------------------------------
-    def resources(self, gpus_per_replica: float = 1.0) -> Resources:
+    def resources(self, gpus_per_replica: float = 1.0) -> ReplicaResources:
         """Resources of one replica. The job spec's ``gpus_per_replica`` is passed in; CPU-only backends ignore it."""
-        return Resources(gpus=gpus_per_replica, cpus=1.0)
+        return ReplicaResources(gpus=gpus_per_replica, cpus=1.0)
 
     @abstractmethod
     def default_params(self) -> SamplingParams:

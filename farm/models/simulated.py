@@ -13,15 +13,16 @@ from typing import Any
 
 import numpy as np
 
-from farm.models.base import Backend, GenerationRequest, Resources
+from farm.models.base import Backend
 from farm.params import SamplingParams
+from farm.types import GenerationRequest, ReplicaResources
 
 
 class SimulatedBackend(Backend):
     name = "simulated"
 
-    def resources(self, gpus_per_replica: float = 1.0) -> Resources:
-        return Resources(gpus=gpus_per_replica, cpus=float(self.spec.options.get("cpus", 0.01)))
+    def resources(self, gpus_per_replica: float = 1.0) -> ReplicaResources:
+        return ReplicaResources(gpus=gpus_per_replica, cpus=float(self.spec.options.get("cpus", 0.01)))
 
     def default_params(self) -> SamplingParams:
         return SamplingParams(num_frames=5, height=32, width=32, num_inference_steps=1, fps=8)

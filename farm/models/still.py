@@ -19,8 +19,9 @@ import cv2
 import numpy as np
 
 from farm.identity.faces import DEFAULT_MIN_FACE_SIZE, FaceDetector, norm_crop, pick_portrait_face
-from farm.models.base import Backend, GenerationRequest, Resources
+from farm.models.base import Backend
 from farm.params import SamplingParams
+from farm.types import GenerationRequest, ReplicaResources
 
 # The aligned portrait keeps more context than the frame shows (face at CONTEXT_RATIO of the template) so the frame
 # can be filled from real pixels; 672 = 6 x 112 keeps the template centred (insightface's 112 rule).
@@ -41,8 +42,8 @@ class StillSubject:
 class StillBackend(Backend):
     name = "still"
 
-    def resources(self, gpus_per_replica: float = 1.0) -> Resources:
-        return Resources(gpus=0.0, cpus=1.0)
+    def resources(self, gpus_per_replica: float = 1.0) -> ReplicaResources:
+        return ReplicaResources(gpus=0.0, cpus=1.0)
 
     def default_params(self) -> SamplingParams:
         return SamplingParams(num_frames=33, height=480, width=480, num_inference_steps=1, fps=16)

@@ -23,18 +23,18 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from tqdm import tqdm
 
-from farm import __version__, results, secrets
+from farm import __version__, results, secrets, table
 from farm.config import JobSpec, SpecError
 from farm.lease import LeaseLost, OutputLease
 from farm.manifest import Manifest, ManifestError, RowDefaults, RowState, plan_rows, resolve_row
 from farm.models import build_backend
-from farm.models.base import GenerationRequest
 from farm.records import ErrorCode, InfraError, RowError, Status
 from farm.runtime import cluster
 from farm.runtime.errors import JobAborted
 from farm.runtime.pool import Ask, Done, Dropped, Lost, Paused, Ready, ReplicaPool
 from farm.runtime.scheduler import Final, Loss, Scheduler, Task
 from farm.storage import OutputLayout, is_local
+from farm.types import GenerationRequest
 from farm.worker import row_defaults
 
 log = logging.getLogger("farm")
@@ -101,6 +101,7 @@ class Driver:
         self.bar: tqdm | None = None
         self.started = time.monotonic()
         self.run_id = ""
+        self.run_seq = 0
         self.first_dispatch_s: float | None = None
         self.already_committed = 0
         self.commit_failures = 0
@@ -345,14 +346,7 @@ class Driver:
         defaults = row_defaults(job)
         self.extra_columns = manifest.extra_columns
         schema = results.result_schema(pa.schema([manifest.schema.field(c) for c in self.extra_columns]))
-        self.writer = results.ResultWriter(
-            self.layout,
-            schema,
-            job.runtime.commit_every_rows,
-            job.runtime.commit_every_s,
-            guard=lambda: self.lease.check(),
-        )
-        self.run_id = self.writer.run_id
+        self.run_id = results.new_run_id()
         self.lease = OutputLease(
             self.layout,
             job.storage_options,
@@ -365,9 +359,19 @@ class Driver:
         self._check_output_reachable(embedded)
         self.lease.acquire()
         self.lease.start_renewing()
-        done = results.committed_ids(self.layout)
+        self.run_seq = table.next_run_seq(self.layout, self._recorded_run_seq())
+        self.writer = results.ResultWriter(
+            self.layout,
+            schema,
+            self.run_seq,
+            job.runtime.commit_every_rows,
+            job.runtime.commit_every_s,
+            guard=lambda: self.lease.check(),
+            run_id=self.run_id,
+        )
+        done = table.committed_ids(self.layout)
         if self.retry_failed:
-            merged = results.read_results(self.layout, ["status"])
+            merged = table.read_results(self.layout, ["status"])
             done = set(merged.filter(pc.equal(merged.column("status"), Status.OK.value)).column("id").to_pylist())
 
         self.pool = ReplicaPool(job, self._ask(embedded), job.resources.replicas, self.run_id, embedded)
@@ -452,12 +456,17 @@ class Driver:
             self._kill_late()
             self._commit_due()
 
+    def _recorded_run_seq(self) -> int:
+        runs = self.layout.read_json(self.layout.job_json).get("runs", [])
+        return max((int(r.get("run_seq") or 0) for r in runs), default=0)
+
     def _write_job_json(self, status: str, summary: RunSummary | None = None) -> None:
         previous = self.layout.read_json(self.layout.job_json)
         runs = [r for r in previous.get("runs", []) if r.get("run_id") != self.run_id]
         runs.append(
             {
                 "run_id": self.run_id,
+                "run_seq": self.run_seq,
                 "status": status,
                 "updated_at": _utcnow().isoformat(),
                 **(summary.as_dict() if summary else {}),

@@ -22,8 +22,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from farm.models.base import GenerationRequest
 from farm.records import ErrorCode
+from farm.types import GenerationRequest
 
 
 class Loss(enum.Enum):

@@ -13,9 +13,9 @@ from farm.identity.recognizer import (
     sample_indices,
     summarize,
 )
-from farm.models.base import GenerationRequest, ModelSpec
 from farm.models.still import StillBackend
 from farm.params import SamplingParams
+from farm.types import GenerationRequest, ModelSpec
 from farm.video import decode_video, encode_mp4
 
 

@@ -19,9 +19,9 @@ from farm.identity import score_job
 from farm.identity.recognizer import sample_indices
 from farm.identity.score_job import load_video_frames
 from farm.records import ErrorCode, InfraError
-from farm.results import read_results
 from farm.scoring import Entry, RowQueue, UnavailableFilesystem, score_manifest
 from farm.storage import OutputLayout, read_image
+from farm.table import read_results
 from farm.video import decode_sampled, decode_video, encode_mp4
 from tests.helpers import ASTRONAUT, write_manifest
 
@@ -67,7 +67,7 @@ def test_gs_row_without_gcsfs_stops_up_front_naming_the_package(
     assert main(args) == 2  # the CLI's usage exit (UnavailableFilesystem is a ManifestError)
     err = capsys.readouterr().err
     assert "gcsfs" in err and "gs://bucket/videos/a.mp4" in err and "nothing was scored" in err
-    assert not OutputLayout(str(out)).result_parts()
+    assert not OutputLayout(str(out)).log_parts()
     with pytest.raises(UnavailableFilesystem, match="1 gs:// URIs"):
         score_manifest(str(tmp_path / "m.parquet"), str(out), progress=False, workers=1)
 

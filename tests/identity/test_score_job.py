@@ -10,10 +10,10 @@ from PIL import Image
 
 from farm.identity.recognizer import METRIC_COLUMNS
 from farm.identity.score_job import frame_files, load_video_frames, score_rows
-from farm.models.base import GenerationRequest, ModelSpec
 from farm.models.still import StillBackend
 from farm.params import SamplingParams
 from farm.records import ErrorCode, RowError
+from farm.types import GenerationRequest, ModelSpec
 from farm.video import encode_mp4, to_uint8
 
 ASTRONAUT = "pkg://skimage/data/astronaut.png"

@@ -22,7 +22,6 @@ import torch
 from farm import storage
 from farm.identity.dlib_models import DlibDetector
 from farm.identity.faces import largest_face
-from farm.models.base import ModelSpec
 from farm.models.lynx import face as lynx_face
 from farm.models.lynx.arcface import (
     ARCFACE_FILE,
@@ -41,6 +40,7 @@ from farm.models.lynx.backend import LynxBackend
 from farm.models.lynx.face import arcface_crop, face_models
 from farm.models.lynx.tiny import ARCFACE_DIRNAME
 from farm.models.lynx.weights import LynxWeightsError, WrongKeyError, WrongShapeError
+from farm.types import ModelSpec
 from tests.models.lynx_helpers import adapter_dir, base_dir, tiny_checkpoint
 
 ASTRONAUT = "pkg://skimage/data/astronaut.png"

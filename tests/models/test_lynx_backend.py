@@ -8,11 +8,11 @@ import pytest
 
 from farm import storage
 from farm.models import build_backend
-from farm.models.base import GenerationRequest, ModelSpec
 from farm.models.lynx.api import generate_from_embedding, generate_from_portrait
 from farm.models.lynx.backend import LynxBackend
 from farm.models.lynx.face import LynxSubject
 from farm.records import ErrorCode, RowError
+from farm.types import GenerationRequest, ModelSpec
 from tests.models.lynx_helpers import FAST, NEGATIVE, PROMPT, adapter_dir, base_dir, tiny_checkpoint
 
 ASTRONAUT = "pkg://skimage/data/astronaut.png"

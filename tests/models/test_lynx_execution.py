@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-from farm.models.base import ModelSpec
 from farm.models.lynx import execution
 from farm.models.lynx.adapters import AdapterState, RefAttnProcessor
 from farm.models.lynx.backend import LynxBackend
@@ -18,6 +17,7 @@ from farm.models.lynx.flops import step_flops, video_tokens
 from farm.models.lynx.loader import load_lynx
 from farm.models.lynx.pipeline import LynxPipeline, Options
 from farm.models.lynx.random_model import REAL, TINY, build_random_lynx
+from farm.types import ModelSpec
 from tests.models.lynx_helpers import FAST, FAST_2PASS, NEGATIVE, PROMPT, adapter_dir, base_dir, inputs, pipeline
 
 

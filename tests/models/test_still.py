@@ -8,10 +8,10 @@ import pytest
 from farm import storage
 from farm.identity.dlib_models import DlibDetector
 from farm.models import build_backend
-from farm.models.base import GenerationRequest, ModelSpec
 from farm.models.still import StillBackend, StillSubject
 from farm.params import SamplingParams
 from farm.records import ErrorCode, RowError
+from farm.types import GenerationRequest, ModelSpec
 
 
 @pytest.fixture(scope="module")

@@ -16,9 +16,9 @@ from typing import Any
 import pyarrow.parquet as pq
 import pytest
 
-from farm.results import read_results
 from farm.runtime.driver import run_job
 from farm.storage import OutputLayout
+from farm.table import read_results
 from farm.video import read_metadata
 from tests.helpers import ASTRONAUT, rows, still_job, write_manifest
 
@@ -35,7 +35,7 @@ def _records(output: str, storage_options: dict | None = None) -> dict[str, dict
 
 
 def _raw_record_count(output: str) -> int:
-    return sum(pq.read_metadata(p).num_rows for p in OutputLayout(output).result_parts())
+    return sum(pq.read_metadata(p).num_rows for p in OutputLayout(output).log_parts())
 
 
 def test_bad_rows_become_records_and_good_rows_get_videos(tmp_path: Path) -> None:

@@ -21,8 +21,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from farm.results import read_results
 from farm.storage import OutputLayout
+from farm.table import read_results
 from tests.helpers import farm_run_process, rows, write_manifest
 
 
@@ -58,7 +58,7 @@ def _spec(tmp_path: Path, n_rows: int, **sections: Any) -> Path:
 def _records(out: Path) -> dict[str, dict[str, Any]]:
     layout = OutputLayout(str(out))
     table = read_results(layout)
-    raw = sum(pq.read_metadata(p).num_rows for p in layout.result_parts())
+    raw = sum(pq.read_metadata(p).num_rows for p in layout.log_parts())
     ids = table.column("id").to_pylist()
     assert raw == len(ids) == len(set(ids)), "exactly one record per id"
     return {r["id"]: r for r in table.to_pylist()}
@@ -76,7 +76,7 @@ def _wait_for(predicate: Any, proc: subprocess.Popen, timeout_s: float, what: st
 
 def _committed(out: Path) -> int:
     layout = OutputLayout(str(out))
-    return sum(pq.read_metadata(p).num_rows for p in layout.result_parts())
+    return sum(pq.read_metadata(p).num_rows for p in layout.log_parts())
 
 
 def test_job_waits_for_gpu_nodes_then_uses_nodes_added_mid_job_and_survives_losing_one(

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from farm.config import parse_job
-from farm.results import read_results
 from farm.runtime.driver import run_job
 from farm.storage import OutputLayout
+from farm.table import read_results
 from farm.video import decode_video, read_metadata
 from tests.conftest import FAKE_GPUS
 from tests.helpers import ASTRONAUT, rows, write_manifest

@@ -22,9 +22,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from farm.manifest import Manifest, record_key
-from farm.results import read_results
 from farm.runtime.driver import run_job
 from farm.storage import OutputLayout
+from farm.table import read_results
 from tests.helpers import ASTRONAUT, still_job
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
@@ -149,5 +149,5 @@ def test_nasty_manifest_end_to_end_and_rerun(tmp_path: Path) -> None:
         still_job(str(manifest), str(out), resources={"replicas": 1, "cpus_per_replica": 0.25}), progress=False
     )
     assert again.already_committed == len(ROWS_A) + len(ROWS_B) and sum(again.counts.values()) == 0
-    parts = OutputLayout(str(out)).result_parts()
+    parts = OutputLayout(str(out)).log_parts()
     assert sum(pq.read_metadata(p).num_rows for p in parts) == len(expected)

@@ -11,8 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from farm.results import read_results
 from farm.storage import OutputLayout
+from farm.table import read_results
 from tests.helpers import farm_run_process, rows, still_job, write_manifest
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
@@ -41,7 +41,7 @@ def test_driver_killed_then_rerun(tmp_path: Path) -> None:
     layout = OutputLayout(out)
     proc = farm_run_process(spec, address)
     deadline = time.time() + 120
-    while time.time() < deadline and len(layout.result_parts()) < 2:
+    while time.time() < deadline and len(layout.log_parts()) < 2:
         assert proc.poll() is None, proc.stdout.read()
         time.sleep(0.1)
     os.killpg(proc.pid, signal.SIGKILL)
@@ -58,7 +58,7 @@ def test_driver_killed_then_rerun(tmp_path: Path) -> None:
     ids = final.column("id").to_pylist()
     assert sorted(ids) == [f"row-{i:03d}" for i in range(16)]
     assert set(final.column("status").to_pylist()) == {"ok"}
-    raw = sum(pq.read_metadata(p).num_rows for p in layout.result_parts())
+    raw = sum(pq.read_metadata(p).num_rows for p in layout.log_parts())
     assert raw == 16, "no id may be committed twice"
     for row_id, stamp in stamps.items():
         assert os.stat(tmp_path / "out" / "videos" / f"{row_id}.mp4").st_mtime_ns == stamp, f"{row_id} regenerated"
@@ -82,7 +82,7 @@ def test_sigterm_commits_buffered_records_and_marks_the_run_interrupted(tmp_path
     while time.time() < deadline and len(list(videos.glob("*.mp4"))) < 3:
         assert proc.poll() is None, proc.stdout.read()
         time.sleep(0.1)
-    assert OutputLayout(out).result_parts() == []
+    assert OutputLayout(out).log_parts() == []
     proc.send_signal(signal.SIGTERM)
     output = proc.communicate(timeout=120)[0]
     assert proc.returncode == 130, output

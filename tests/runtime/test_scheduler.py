@@ -13,10 +13,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from farm.models.base import GenerationRequest
 from farm.params import SamplingParams
 from farm.records import ErrorCode
 from farm.runtime.scheduler import Dispatch, Final, Loss, Scheduler, Task
+from farm.types import GenerationRequest
 
 T0 = 1000.0  # the fake clock starts here (any value; time.monotonic in the driver)
 TIMEOUT_S = 10.0

@@ -42,13 +42,14 @@ from typing import Any
 
 import numpy as np
 
-from farm.models.base import Backend, GenerationRequest
+from farm.models.base import Backend
 from farm.models.lynx.api import default_params, resolve_dtype
 from farm.models.lynx.execution import check_attention_backend
 from farm.models.lynx.face import LynxSubject, face_models, subject_from_image
 from farm.models.lynx.pipeline import OFFICIAL_NEGATIVE_PROMPT, Options
 from farm.params import SamplingParams
 from farm.records import ErrorCode, RowError
+from farm.types import GenerationRequest
 
 KNOWN_OPTIONS = frozenset(
     {
