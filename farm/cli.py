@@ -105,6 +105,29 @@ def cmd_results(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_compact(args: argparse.Namespace) -> int:
+    from farm.table import compact_output
+
+    summary = compact_output(args.output, _storage_options(args.storage_option))
+    print(json.dumps(summary, indent=2, default=str))
+    return EXIT_OK
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from farm.export import export_output
+
+    summary = export_output(
+        args.output,
+        args.format,
+        args.to,
+        where=args.where,
+        shard_size=args.shard_size,
+        storage_options=_storage_options(args.storage_option),
+    )
+    print(json.dumps(summary, indent=2, default=str))
+    return EXIT_OK
+
+
 def cmd_score(args: argparse.Namespace) -> int:
     from farm.scoring import ScoreAborted, score_manifest
 
@@ -180,6 +203,20 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--to", help="write to this file/URI instead of printing")
             p.add_argument("--limit", type=int, default=None, help="table: at most this many rows")
         p.set_defaults(func=func)
+
+    p = sub.add_parser("compact", help="publish OUT/results/ (one row per id) from the record log; runs do it too")
+    p.add_argument("output", help="a job's output URI")
+    p.add_argument("--storage-option", action="append", help="fsspec option key=value (repeatable)")
+    p.set_defaults(func=cmd_compact)
+
+    p = sub.add_parser("export", help="export videos + records as a dataset (WebDataset shards, HF, Parquet)")
+    p.add_argument("output", help="a job's output URI")
+    p.add_argument("--format", choices=["webdataset", "hf", "parquet"], required=True)
+    p.add_argument("--to", required=True, help="destination folder/URI (a rerun resumes)")
+    p.add_argument("--where", help="filter over result columns, e.g. \"status = 'ok' AND identity_mean >= 0.6\"")
+    p.add_argument("--shard-size", type=int, default=1000, help="rows per shard")
+    p.add_argument("--storage-option", action="append", help="fsspec option key=value (repeatable)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("compare", help="identity metrics of several outputs side by side, joined by id")
     p.add_argument("outputs", nargs="+", help="job or score outputs (e.g. a Lynx job and its still baseline)")
