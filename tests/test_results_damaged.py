@@ -15,6 +15,7 @@ import pytest
 
 from farm import storage
 from farm.cli import main
+from farm.records import Record
 from farm.report import compare_outputs, export_results, status_text
 from farm.results import result_schema, write_part
 from farm.storage import OutputLayout
@@ -66,10 +67,10 @@ def _output(tmp_path: Path, damage: str) -> tuple[OutputLayout, str]:
     """Two good parts (a: failed then ok, b: ok) and one damaged file that sorts between them."""
     layout = OutputLayout(str(tmp_path / "out"))
     schema = result_schema(pa.schema([("lang", pa.string())]))
-    write_part(layout, 1, "r1", 0, [{"id": "a", "status": "failed", "committed_at": T0, "lang": "en"}], schema)
+    write_part(layout, 1, "r1", 0, [Record(id="a", status="failed", committed_at=T0, carried={"lang": "en"})], schema)
     later = T0 + dt.timedelta(seconds=1)
     write_part(
-        layout, 3, "r3", 0, [{"id": "a", "status": "ok", "committed_at": later}, {"id": "b", "status": "ok"}], schema
+        layout, 3, "r3", 0, [Record(id="a", status="ok", committed_at=later), Record(id="b", status="ok")], schema
     )
     bad = storage.join(layout.log_dir, "part-00000002-r2-000000.parquet")
     storage.write_bytes_atomic(bad, DAMAGE[damage]())

@@ -9,6 +9,7 @@ import pyarrow as pa
 import pytest
 
 from farm import storage
+from farm.records import Record
 from farm.results import result_schema, write_part
 from farm.storage import OutputLayout
 from farm.table import committed_ids, read_results
@@ -66,12 +67,13 @@ def test_results_one_record_per_id_newest_wins(tmp_path: Path) -> None:
         "r1",
         0,
         [
-            {"id": "a", "status": "failed", "committed_at": t0, "lang": "en", "input_status": 3},
-            {"id": "b", "status": "ok", "committed_at": t0, "lang": "de"},
+            Record(id="a", status="failed", committed_at=t0, carried={"lang": "en", "input_status": 3}),
+            Record(id="b", status="ok", committed_at=t0, carried={"lang": "de"}),
         ],
         schema,
     )
-    write_part(layout, 2, "r2", 0, [{"id": "a", "status": "ok", "committed_at": t0 + dt.timedelta(seconds=1)}], schema)
+    later = Record(id="a", status="ok", committed_at=t0 + dt.timedelta(seconds=1))
+    write_part(layout, 2, "r2", 0, [later], schema)
     assert committed_ids(layout) == {"a", "b"}
     table = read_results(layout)
     assert table.column("id").to_pylist() == ["a", "b"]
