@@ -1,0 +1,159 @@
+"""The three layouts an export writes, one shard at a time: WebDataset tars, a Hugging Face Parquet dataset, and
+Parquet records beside a folder of videos.
+
+Every writer is deterministic (rows by id, fixed tar headers, no clocks in the bytes), so a resumed export equals an
+uninterrupted one byte for byte.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from farm import storage
+from farm.export.errors import ExportError
+from farm.export.shards import FETCH_THREADS, HashingWriter, Shard, publish
+
+CAPTION = "caption"
+SOURCE_VIDEO = "source_video"
+PROVENANCE = "provenance"
+
+
+def encode_key(row_id: str) -> str:
+    """A WebDataset sample key for ``row_id``: readers split a file name at its first dot, so ``.`` becomes ``%2E``
+    (and ``%``, which ids never hold, ``%25``); ``urllib.parse.unquote`` gives the id back (it is in the json too)."""
+    return row_id.replace("%", "%25").replace(".", "%2E")
+
+
+def _free(name: str, taken: list[str]) -> str:
+    """``name``, or ``_name``, ``__name`` ... whichever a carried-through column does not already use."""
+    while name in taken:
+        name = f"_{name}"
+    return name
+
+
+def _json_default(value: Any) -> Any:
+    return value.isoformat() if hasattr(value, "isoformat") else str(value)
+
+
+@dataclass(frozen=True)
+class ShardInput:
+    """What a writer gets: the shard's rows that have their video, the videos by id, the provenance for json."""
+
+    rows: pa.Table
+    videos: dict[str, bytes]
+    provenance: dict[str, Any]
+
+
+# ------------------------------------------------------------------ webdataset
+def webdataset_name(i: int, n: int) -> str:
+    return f"shard-{i:06d}.tar"
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 0, 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    tar.addfile(info, io.BytesIO(data))
+
+
+def sample_json(record: dict[str, Any], provenance: dict[str, Any], run_id: str | None) -> bytes:
+    key = _free(PROVENANCE, list(record))
+    payload = {**record, key: {**provenance, "run_id": run_id}}
+    return json.dumps(payload, sort_keys=True, default=_json_default).encode()
+
+
+def write_webdataset(dest: str, shard: Shard, data: ShardInput, options: dict[str, Any] | None) -> dict[str, Any]:
+    """``<key>.json`` (the record and its provenance), ``<key>.mp4``, ``<key>.txt`` (the prompt: the caption)."""
+
+    def write(out: HashingWriter) -> None:
+        with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+            for record in data.rows.to_pylist():
+                key = encode_key(record["id"])
+                _add(tar, f"{key}.json", sample_json(record, data.provenance, record.get("run_id")))
+                _add(tar, f"{key}.mp4", data.videos[record["id"]])
+                _add(tar, f"{key}.txt", (record.get("prompt") or "").encode())
+
+    return publish(storage.join(dest, shard.file), write, options)
+
+
+# ------------------------------------------------------------------ tables (hf, parquet)
+def _with_columns(rows: pa.Table, video: pa.Array) -> pa.Table:
+    """``rows`` with ``caption`` (the prompt), ``source_video`` (the output's URI) and ``video`` replaced."""
+    names = rows.column_names
+    table = rows.set_column(names.index("video"), _free(SOURCE_VIDEO, names), rows.column("video"))
+    table = table.append_column(_free(CAPTION, names), rows.column("prompt"))
+    return table.append_column("video", video)
+
+
+def _write_parquet(dest: str, shard: Shard, table: pa.Table, options: dict[str, Any] | None) -> dict[str, Any]:
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    return publish(storage.join(dest, shard.file), lambda out: out.write(buf.getvalue()), options)
+
+
+def hf_name(i: int, n: int) -> str:
+    return f"data/train-{i:05d}-of-{n:05d}.parquet"
+
+
+def write_hf(dest: str, shard: Shard, data: ShardInput, options: dict[str, Any] | None) -> dict[str, Any]:
+    """The records, ``caption``, and ``video``: the mp4 bytes (a binary column: loads without a video decoder)."""
+    ids = data.rows.column("id").to_pylist()
+    video = pa.array([data.videos[i] for i in ids], pa.large_binary())
+    return _write_parquet(dest, shard, _with_columns(data.rows, video), options)
+
+
+def parquet_name(i: int, n: int) -> str:
+    return f"data/part-{i:06d}.parquet"
+
+
+def video_path(row_id: str) -> str:
+    """Where the parquet layout puts a video, relative to the destination (the ``video`` column holds this)."""
+    return f"videos/{row_id}.mp4"
+
+
+def write_parquet(dest: str, shard: Shard, data: ShardInput, options: dict[str, Any] | None) -> dict[str, Any]:
+    """The videos to ``videos/<id>.mp4`` first, then the records with ``video`` = that relative path."""
+    ids = data.rows.column("id").to_pylist()
+
+    def copy(row_id: str) -> None:
+        storage.write_bytes_atomic(storage.join(dest, video_path(row_id)), data.videos[row_id], options)
+
+    with ThreadPoolExecutor(FETCH_THREADS) as pool:
+        list(pool.map(copy, ids))
+    video = pa.array([video_path(i) for i in ids], pa.string())
+    return _write_parquet(dest, shard, _with_columns(data.rows, video), options)
+
+
+@dataclass(frozen=True)
+class Format:
+    """A layout: how shard ``i`` of ``n`` is named, how it is written, and the files HF's loader should read."""
+
+    name: Callable[[int, int], str]
+    write: Callable[[str, Shard, ShardInput, dict[str, Any] | None], dict[str, Any]]
+    data_files: str
+
+
+FORMATS = {
+    "webdataset": Format(webdataset_name, write_webdataset, "shard-*.tar"),
+    "hf": Format(hf_name, write_hf, "data/train-*.parquet"),
+    "parquet": Format(parquet_name, write_parquet, "data/part-*.parquet"),
+}
+
+
+def get_format(name: str) -> Format:
+    if name not in FORMATS:
+        raise ExportError(f"export format {name!r} is not one of {', '.join(FORMATS)}; pick one with --format")
+    return FORMATS[name]
+
+
+__all__ = ["FORMATS", "Format", "ShardInput", "encode_key", "get_format", "sample_json", "video_path"]
