@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import tarfile
 import urllib.parse
 from pathlib import Path
@@ -297,9 +298,13 @@ def test_missing_video_is_counted_listed_and_warned(
 
 # ------------------------------------------------------------------ resume
 def _contents(dest: Path) -> dict[str, bytes]:
-    return {
-        str(p.relative_to(dest)): p.read_bytes() for p in dest.rglob("*") if p.is_file() and p.name != "export.json"
-    }
+    """Every file's bytes; export.json and the card's line with the export time compared without the time."""
+    out = {str(p.relative_to(dest)): p.read_bytes() for p in dest.rglob("*") if p.is_file()}
+    manifest = json.loads(out.pop("export.json"))
+    manifest.pop("created_at")
+    out["export.json"] = json.dumps(manifest, sort_keys=True).encode()
+    out["README.md"] = re.sub(rb" at \S+\n", b"\n", out["README.md"])
+    return out
 
 
 @pytest.mark.parametrize("fmt", ["webdataset", "hf", "parquet"])

@@ -33,11 +33,10 @@ CARD = "README.md"
 
 
 def read_records(uri: str, storage_options: dict[str, Any] | None) -> tuple[OutputLayout, pa.Table]:
-    """The output's layout and its records, one per id (the newest)."""
-    from farm.table import read_results
+    """The output's layout and its records, one per id (the newest); ``FileNotFoundError`` if ``uri`` is no output."""
+    from farm.table import open_results
 
-    layout = OutputLayout(uri, storage_options)
-    return layout, read_results(layout)
+    return OutputLayout(uri, storage_options), open_results(uri, storage_options)
 
 
 def export_output(

@@ -95,9 +95,22 @@ def _with_columns(rows: pa.Table, video: pa.Array) -> pa.Table:
     return table.append_column("video", video)
 
 
+MEDIA_ROW_GROUP = 100  # rows per row group when a row holds a video: a reader's batch stays a few hundred MB
+
+
 def _write_parquet(dest: str, shard: Shard, table: pa.Table, options: dict[str, Any] | None) -> dict[str, Any]:
+    """mp4 bytes are stored as they are: they are compressed already, and every video differs, so zstd and a
+    dictionary would cost time for nothing (a dictionary would even hold each video twice while writing)."""
+    media = [f.name for f in table.schema if pa.types.is_large_binary(f.type) or pa.types.is_binary(f.type)]
+    plain = [name for name in table.column_names if name not in media]
     buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd")
+    pq.write_table(
+        table,
+        buf,
+        compression={name: "none" if name in media else "zstd" for name in table.column_names},
+        use_dictionary=plain,
+        row_group_size=MEDIA_ROW_GROUP if media else None,
+    )
     return publish(storage.join(dest, shard.file), lambda out: out.write(buf.getvalue()), options)
 
 
