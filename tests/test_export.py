@@ -340,6 +340,17 @@ def test_interrupted_export_resumes_to_the_same_bytes(
     assert again["shards_skipped"] == 3
 
 
+def test_a_source_that_grew_is_reexported_without_stale_shards(output: OutputLayout, tmp_path: Path) -> None:
+    dest = tmp_path / "hf"
+    export_output(output.root, "hf", str(dest), shard_size=4)
+    make_output(output.root, ids=[*IDS, "y-08", "y-09"])  # a later run added rows
+    summary = export_output(output.root, "hf", str(dest), shard_size=4)
+    assert summary["stale_files_removed"] == ["data/train-00000-of-00002.parquet", "data/train-00001-of-00002.parquet"]
+    files = sorted(p.name for p in (dest / "data").iterdir())
+    assert files == [f"train-0000{i}-of-00003.parquet" for i in range(3)]
+    assert pq.read_table(dest / "data").num_rows == 9
+
+
 def test_other_settings_into_the_same_destination_are_refused(output: OutputLayout, tmp_path: Path) -> None:
     dest = tmp_path / "wds"
     export_output(output.root, "webdataset", str(dest), shard_size=3)

@@ -62,6 +62,7 @@ def export_output(
     planned = shards.cut(selection.table.column("id").to_pylist(), shard_size, form.name)
     key = shards.plan_key(plan)
     shards.claim(to, {**plan, "plan": key}, options)
+    removed = shards.prune(to, planned, options)
     job = layout.read_json(layout.job_json)
     provenance = _provenance(layout, job)
     indexes, written = [], 0
@@ -79,6 +80,7 @@ def export_output(
         "shards": len(planned),
         "shards_written": written,
         "shards_skipped": len(planned) - written,
+        "stale_files_removed": removed,
         "counts": manifest["counts"],
         "missing_videos": [m["id"] for m in manifest["missing_videos"]],
         "seconds": round(time.perf_counter() - started, 3),
@@ -108,30 +110,28 @@ def _export_shard(
     provenance: dict[str, Any],
     options: dict[str, Any] | None,
 ) -> dict[str, Any]:
-    """Fetch the shard's videos, write the shard, then its index (the shard counts as done only once that exists)."""
+    """Write the shard as its videos arrive, then its index (the shard counts as done only once that exists)."""
     rows = table.filter(pc.is_in(table.column("id"), pa.array(shard.ids, table.column("id").type)))
     sources = dict(zip(rows.column("id").to_pylist(), rows.column("video").to_pylist(), strict=True))
     wanted = [(i, list(dict.fromkeys([sources[i], layout.video(i)]))) for i in shard.ids]
-    videos = {i: data for i, data in shards.fetch_videos(wanted, options) if data is not None}
-    missing = [{"id": i, "video": sources[i]} for i in shard.ids if i not in videos]
-    if missing:
+    stream = shards.VideoStream(shards.fetch_videos(wanted, options), sources)
+    info = form.write(dest, shard, ShardInput(rows, stream, provenance), options)
+    if stream.missing:
         log.warning(
             "export shard %s: %d ok row(s) have no video file, left out and listed in %s: %s",
             shard.file,
-            len(missing),
+            len(stream.missing),
             EXPORT_JSON,
-            ", ".join(m["id"] for m in missing[:10]),
+            ", ".join(m["id"] for m in stream.missing[:10]),
         )
-    present = rows.filter(pc.is_in(rows.column("id"), pa.array(sorted(videos), rows.column("id").type)))
-    info = form.write(dest, shard, ShardInput(present, videos, provenance), options)
     index = {
         "plan": key,
         "file": shard.file,
         **info,
         "ids": list(shard.ids),
-        "count": present.num_rows,
-        "videos": [{"id": i, "sha256": shards.digest(videos[i]), "bytes": len(videos[i])} for i in sorted(videos)],
-        "missing": missing,
+        "count": len(stream.videos),
+        "videos": stream.videos,
+        "missing": stream.missing,
     }
     shards.write_index(dest, shard, index, options)
     return index

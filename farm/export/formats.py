@@ -10,12 +10,14 @@ from __future__ import annotations
 import io
 import json
 import tarfile
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from farm import storage
@@ -46,11 +48,28 @@ def _json_default(value: Any) -> Any:
 
 @dataclass(frozen=True)
 class ShardInput:
-    """What a writer gets: the shard's rows that have their video, the videos by id, the provenance for json."""
+    """What a writer gets: the shard's rows (by id), its videos as they arrive (``(id, bytes)`` in id order, only
+    those found: a writer keeps none it has written), and the provenance for the json."""
 
     rows: pa.Table
-    videos: dict[str, bytes]
+    videos: Iterable[tuple[str, bytes]]
     provenance: dict[str, Any]
+
+    def take(self, ids: list[str]) -> pa.Table:
+        """The rows of ``ids`` (in id order, as the rows are)."""
+        column = self.rows.column("id")
+        return self.rows.filter(pc.is_in(column, pa.array(ids, column.type)))
+
+
+def _batches(items: Iterable[tuple[str, bytes]], size: int) -> Iterator[list[tuple[str, bytes]]]:
+    batch: list[tuple[str, bytes]] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 # ------------------------------------------------------------------ webdataset
@@ -76,11 +95,13 @@ def write_webdataset(dest: str, shard: Shard, data: ShardInput, options: dict[st
     """``<key>.json`` (the record and its provenance), ``<key>.mp4``, ``<key>.txt`` (the prompt: the caption)."""
 
     def write(out: HashingWriter) -> None:
+        records = {record["id"]: record for record in data.rows.to_pylist()}
         with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
-            for record in data.rows.to_pylist():
-                key = encode_key(record["id"])
+            for row_id, video in data.videos:
+                record = records[row_id]
+                key = encode_key(row_id)
                 _add(tar, f"{key}.json", sample_json(record, data.provenance, record.get("run_id")))
-                _add(tar, f"{key}.mp4", data.videos[record["id"]])
+                _add(tar, f"{key}.mp4", video)
                 _add(tar, f"{key}.txt", (record.get("prompt") or "").encode())
 
     return publish(storage.join(dest, shard.file), write, options)
@@ -98,20 +119,21 @@ def _with_columns(rows: pa.Table, video: pa.Array) -> pa.Table:
 MEDIA_ROW_GROUP = 100  # rows per row group when a row holds a video: a reader's batch stays a few hundred MB
 
 
-def _write_parquet(dest: str, shard: Shard, table: pa.Table, options: dict[str, Any] | None) -> dict[str, Any]:
-    """mp4 bytes are stored as they are: they are compressed already, and every video differs, so zstd and a
+def _parquet_options(schema: pa.Schema) -> dict[str, Any]:
+    """mp4 bytes are stored as they are: they are compressed already and every video differs, so zstd and a
     dictionary would cost time for nothing (a dictionary would even hold each video twice while writing)."""
-    media = [f.name for f in table.schema if pa.types.is_large_binary(f.type) or pa.types.is_binary(f.type)]
-    plain = [name for name in table.column_names if name not in media]
-    buf = io.BytesIO()
-    pq.write_table(
-        table,
-        buf,
-        compression={name: "none" if name in media else "zstd" for name in table.column_names},
-        use_dictionary=plain,
-        row_group_size=MEDIA_ROW_GROUP if media else None,
-    )
-    return publish(storage.join(dest, shard.file), lambda out: out.write(buf.getvalue()), options)
+    media = [f.name for f in schema if pa.types.is_large_binary(f.type) or pa.types.is_binary(f.type)]
+    return {
+        "compression": {name: "none" if name in media else "zstd" for name in schema.names},
+        "use_dictionary": [name for name in schema.names if name not in media],
+    }
+
+
+def _write_table(dest: str, shard: Shard, table: pa.Table, options: dict[str, Any] | None) -> dict[str, Any]:
+    def write(out: HashingWriter) -> None:
+        pq.write_table(table, out, **_parquet_options(table.schema))
+
+    return publish(storage.join(dest, shard.file), write, options)
 
 
 def hf_name(i: int, n: int) -> str:
@@ -119,10 +141,17 @@ def hf_name(i: int, n: int) -> str:
 
 
 def write_hf(dest: str, shard: Shard, data: ShardInput, options: dict[str, Any] | None) -> dict[str, Any]:
-    """The records, ``caption``, and ``video``: the mp4 bytes (a binary column: loads without a video decoder)."""
-    ids = data.rows.column("id").to_pylist()
-    video = pa.array([data.videos[i] for i in ids], pa.large_binary())
-    return _write_parquet(dest, shard, _with_columns(data.rows, video), options)
+    """The records, ``caption``, and ``video``: the mp4 bytes (a binary column: loads without a video decoder);
+    written a row group at a time as the videos arrive."""
+    schema = _with_columns(data.rows.slice(0, 0), pa.array([], pa.large_binary())).schema
+
+    def write(out: HashingWriter) -> None:
+        with pq.ParquetWriter(out, schema, **_parquet_options(schema)) as writer:
+            for batch in _batches(data.videos, MEDIA_ROW_GROUP):
+                video = pa.array([v for _, v in batch], pa.large_binary())
+                writer.write_table(_with_columns(data.take([i for i, _ in batch]), video))
+
+    return publish(storage.join(dest, shard.file), write, options)
 
 
 def parquet_name(i: int, n: int) -> str:
@@ -135,16 +164,21 @@ def video_path(row_id: str) -> str:
 
 
 def write_parquet(dest: str, shard: Shard, data: ShardInput, options: dict[str, Any] | None) -> dict[str, Any]:
-    """The videos to ``videos/<id>.mp4`` first, then the records with ``video`` = that relative path."""
-    ids = data.rows.column("id").to_pylist()
-
-    def copy(row_id: str) -> None:
-        storage.write_bytes_atomic(storage.join(dest, video_path(row_id)), data.videos[row_id], options)
-
+    """The videos to ``videos/<id>.mp4`` first (a few uploads at a time), then the records with ``video`` = that
+    relative path."""
+    ids: list[str] = []
     with ThreadPoolExecutor(FETCH_THREADS) as pool:
-        list(pool.map(copy, ids))
+        pending: deque[Future[None]] = deque()
+        for row_id, video in data.videos:
+            uri = storage.join(dest, video_path(row_id))
+            pending.append(pool.submit(storage.write_bytes_atomic, uri, video, options))
+            ids.append(row_id)
+            while len(pending) >= 2 * FETCH_THREADS:
+                pending.popleft().result()
+        for future in pending:
+            future.result()
     video = pa.array([video_path(i) for i in ids], pa.string())
-    return _write_parquet(dest, shard, _with_columns(data.rows, video), options)
+    return _write_table(dest, shard, _with_columns(data.take(ids), video), options)
 
 
 @dataclass(frozen=True)

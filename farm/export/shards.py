@@ -17,8 +17,9 @@ import os
 import posixpath
 import tempfile
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
@@ -106,6 +107,34 @@ def is_complete(dest: str, shard: Shard, key: str, storage_options: dict[str, An
     return index if size == index.get("bytes") else None
 
 
+def prune(dest: str, planned: list[Shard], storage_options: dict[str, Any] | None) -> list[str]:
+    """Remove the shards an earlier pass of this plan wrote that this pass does not plan (the source gained or lost
+    rows since: the count of shards changed, and HF file names carry it), so the folder holds one export. Runs before
+    any shard is written: an index still names its old file. Returns the files removed."""
+    keep = {shard.index_file: shard.file for shard in planned}
+    removed = []
+    for uri in storage.list_files(storage.join(dest, INDEX_DIR), ".json", storage_options):
+        name = posixpath.join(INDEX_DIR, posixpath.basename(uri))
+        try:
+            old = json.loads(storage.read_bytes(uri, storage_options)).get("file")
+        except (FileNotFoundError, ValueError):
+            old = None
+        if old and old != keep.get(name):
+            _remove(storage.join(dest, old), storage_options)
+            removed.append(old)
+        if name not in keep:
+            _remove(uri, storage_options)
+    return removed
+
+
+def _remove(uri: str, storage_options: dict[str, Any] | None) -> None:
+    fs, path = storage.get_fs(uri, storage_options)
+    try:
+        fs.rm(path)
+    except FileNotFoundError:
+        pass
+
+
 def write_index(dest: str, shard: Shard, index: dict[str, Any], storage_options: dict[str, Any] | None) -> None:
     storage.write_bytes_atomic(storage.join(dest, shard.index_file), _dumps(index), storage_options)
 
@@ -185,11 +214,48 @@ def fetch_videos(
         return row_id, None
 
     with ThreadPoolExecutor(FETCH_THREADS) as pool:
-        yield from pool.map(read, wanted)
+        pending: deque[Future[tuple[str, bytes | None]]] = deque()
+        for item in wanted:  # a bounded window: a shard of large videos never sits in memory whole
+            pending.append(pool.submit(read, item))
+            if len(pending) >= 2 * FETCH_THREADS:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+class VideoStream:
+    """A shard's videos as they arrive, ``(id, bytes)`` of those found; keeps what the shard's index records: each
+    video's sha256 and size, and the ids whose file is missing (with the URI the record gave)."""
+
+    def __init__(self, fetched: Iterator[tuple[str, bytes | None]], sources: dict[str, str]) -> None:
+        self.fetched = fetched
+        self.sources = sources
+        self.videos: list[dict[str, Any]] = []
+        self.missing: list[dict[str, Any]] = []
+
+    def __iter__(self) -> Iterator[tuple[str, bytes]]:
+        for row_id, data in self.fetched:
+            if data is None:
+                self.missing.append({"id": row_id, "video": self.sources[row_id]})
+                continue
+            self.videos.append({"id": row_id, "sha256": digest(data), "bytes": len(data)})
+            yield row_id, data
 
 
 def digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-__all__ = ["Shard", "claim", "cut", "digest", "fetch_videos", "is_complete", "plan_key", "publish", "write_index"]
+__all__ = [
+    "Shard",
+    "VideoStream",
+    "claim",
+    "cut",
+    "digest",
+    "fetch_videos",
+    "is_complete",
+    "plan_key",
+    "prune",
+    "publish",
+    "write_index",
+]
