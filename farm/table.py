@@ -334,8 +334,18 @@ def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
         elif pa.types.is_string(fld.type) or pa.types.is_large_string(fld.type):
             columns.append(pc.cast(_as_text(column), fld.type))
         else:
-            columns.append(pc.cast(column, fld.type))
+            columns.append(_cast(column, fld))
     return pa.Table.from_arrays(columns, schema=schema)
+
+
+def _cast(column: pa.ChunkedArray, fld: pa.Field) -> pa.ChunkedArray:
+    """A safe cast; timestamps of an old run written finer than the result type are truncated, not refused."""
+    try:
+        return pc.cast(column, fld.type)
+    except pa.ArrowInvalid:
+        if pa.types.is_timestamp(fld.type) and pa.types.is_timestamp(column.type):
+            return pc.cast(column, fld.type, safe=False)
+        raise ValueError(f"column {fld.name!r}: cannot cast the log's {column.type} values to {fld.type}") from None
 
 
 # ---------------------------------------------------------------------- which record of each id wins
@@ -427,7 +437,7 @@ def open_results(uri: str, storage_options: dict[str, Any] | None = None) -> pa.
 
 # ---------------------------------------------------------------------- publishing
 ROW_GROUP_ROWS = 65_536  # of the published table and of consolidated parts
-SORT_BUCKET_ROWS = 4 * ROW_GROUP_ROWS  # ids sorted per bucket of this many (more when there would be > MAX_BUCKETS)
+SORT_BUCKET_ROWS = ROW_GROUP_ROWS  # ids sorted per bucket of this many (more when there would be > MAX_BUCKETS)
 MAX_BUCKETS = 256  # spill files open at once
 MAX_LOG_PARTS = 64  # more parts than this since the last consolidation: consolidate them
 TARGET_PART_ROWS = 4 * ROW_GROUP_ROWS  # records per consolidated part
@@ -599,7 +609,8 @@ def publish(layout: OutputLayout) -> dict[str, Any]:
 
     Memory: pass 1 holds the ids of every record in the log (about 40 bytes per record plus the id's length);
     pass 2 holds one part's bytes, one row group, and one sort bucket of winning records (``SORT_BUCKET_ROWS``);
-    the sort spills to local temp files of about the published table's uncompressed size.
+    the sort spills to local temp files of about the published table's uncompressed size. Measured
+    (``benchmarks/results/compact_cpu.md``): 1,000,000 records / 900,000 ids, about 500 MiB peak RSS.
     """
     start = time.monotonic()
     _remove_stale_temps(layout)
