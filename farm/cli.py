@@ -52,7 +52,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     for path, job in zip(paths, jobs):
         if len(jobs) > 1:
             print(f"== {path}: {job.model.backend} -> {job.output}", file=sys.stderr)
-        summary = run_job(job, progress=not args.no_progress, retry_failed=args.retry_failed, address=args.address)
+        summary = run_job(
+            job,
+            progress=not args.no_progress,
+            retry_failed=args.retry_failed,
+            address=args.address,
+            regenerate_changed=args.regenerate_changed,
+            rescore_changed=args.rescore_changed,
+        )
         print(json.dumps(summary.as_dict(), indent=2))
         if _too_many_failed(summary.counts, job.runtime.max_failed_fraction, path):
             code = EXIT_ROWS_FAILED
@@ -182,6 +189,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("more_jobs", nargs="*", metavar="JOB", help="more job specs, run in turn after the first")
     p.add_argument("--replicas", help="override resources.replicas (a number or 'all')")
     p.add_argument("--retry-failed", action="store_true", help="also rerun rows whose committed status is failed")
+    p.add_argument(
+        "--regenerate-changed",
+        action="store_true",
+        help="redo committed ok rows whose inputs changed (spec, manifest row, portrait bytes); without it such a "
+        "rerun refuses before any GPU time and says what changed",
+    )
+    p.add_argument(
+        "--rescore-changed",
+        action="store_true",
+        help="score committed videos again when only the metric settings changed (no generation)",
+    )
     p.add_argument("--address", help="join this Ray cluster (default: RAY_ADDRESS, else start a local one)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_run)
@@ -253,17 +271,19 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     from farm.cache import CacheError
     from farm.config import SpecError
+    from farm.export import ExportError
     from farm.lease import LeaseHeld, LeaseLost
     from farm.manifest import ManifestError
     from farm.records import InfraError
     from farm.runtime.errors import JobAborted
+    from farm.table import SchemaDrift
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
     secrets.install_log_filter()
     try:
         return args.func(args)
-    except (SpecError, ManifestError, FileNotFoundError, CacheError) as exc:
+    except (SpecError, ManifestError, FileNotFoundError, CacheError, ExportError, SchemaDrift) as exc:
         print(f"error: {secrets.scrub(str(exc))}", file=sys.stderr)
         return EXIT_USAGE
     except (JobAborted, LeaseLost) as exc:

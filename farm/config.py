@@ -117,6 +117,10 @@ class Identity(_Strict):
     pack: str | None = Field(default=None, description="insightface model pack dir or URI (recognizer=insightface)")
     frames: int = Field(default=16, ge=1, le=1024, description="Frames sampled uniformly per video")
     strict: bool = Field(default=False, description="Fail portraits with several faces (multiple_faces)")
+    per_frame_json: bool = Field(
+        default=False,
+        description="Also write metrics/<id>.json with per-frame similarities (the results table has the summary)",
+    )
     min_face_size: int = Field(default=32, ge=0, description="Smallest portrait face side in pixels (face_too_small)")
     options: dict[str, Any] = Field(
         default_factory=dict,
@@ -132,6 +136,11 @@ class Identity(_Strict):
 
 
 class Runtime(_Strict):
+    verify_portraits: bool = Field(
+        default=True,
+        description="On a rerun, check that each committed row's portrait file still holds the bytes its video was "
+        "made from (one stat/HEAD per distinct portrait; bytes read only when its stamp moved)",
+    )
     max_attempts: int = Field(default=3, ge=1, le=20, description="Attempts per row across infrastructure faults")
     row_timeout_s: float = Field(default=3600.0, gt=0, description="A row running longer is retried elsewhere")
     commit_every_rows: int = Field(default=256, ge=1, description="Results are committed in parts of this many rows")

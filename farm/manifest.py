@@ -7,6 +7,7 @@ problems are a ``ManifestError`` raised before any work starts.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import time
 from collections import Counter
@@ -281,12 +282,17 @@ class RowDefaults:
     allowed_portrait_roots: tuple[str, ...] = ()  # runtime.allowed_portrait_roots; empty = any portrait
 
 
-def record_key(raw_id: Any, index: int) -> str:
-    """The id a row's record is filed under: its own id when valid, else ``<row N>`` (N = its manifest position).
+def record_key(row: dict[str, Any]) -> str:
+    """The id a row's record is filed under: its own id when valid, else ``<bad id HASH>``, HASH a digest of what
+    the row holds (its raw id, portrait and prompt), so the key does not move when other rows are inserted or removed.
 
-    Valid ids cannot contain ``<``, so a placeholder never collides with a real id, nor with another bad row.
+    Valid ids cannot contain ``<`` or spaces, so such a key never collides with a real id.
     """
-    return raw_id if isinstance(raw_id, str) and ID_PATTERN.fullmatch(raw_id) else f"<row {index}>"
+    raw_id = row.get("id")
+    if isinstance(raw_id, str) and ID_PATTERN.fullmatch(raw_id):
+        return raw_id
+    content = json.dumps([repr(raw_id), repr(row.get("portrait")), repr(row.get("prompt"))])
+    return f"<bad id {hashlib.sha256(content.encode()).hexdigest()[:12]}>"
 
 
 class RowState(str, Enum):
@@ -299,13 +305,18 @@ def plan_rows(manifest: Manifest, done: set[str]) -> Iterator[tuple[RowState, st
     """Every manifest row once, with the id its record is filed under and an id-level error, if any.
 
     One pass over the ``id`` column first finds duplicated ids; each gets exactly one ``duplicate_id`` record.
-    Rows whose id is missing or invalid get ``bad_id`` (filed under ``<row N>``). Shared by ``farm run`` and
-    ``farm score`` so both keep the one-record-per-id rule the same way.
+    Rows whose id is missing or invalid get ``bad_id``, filed under ``record_key`` (a second row of identical content
+    gets `` #2`` in its key). Shared by ``farm run``, ``farm validate`` and ``farm score`` so all three keep the
+    one-record-per-id rule the same way.
     """
     duplicates = manifest.duplicate_ids()
     reported: set[str] = set()
-    for index, row in enumerate(manifest.rows()):
-        key = record_key(row.get("id"), index)
+    bad_keys: Counter[str] = Counter()
+    for row in manifest.rows():
+        key = record_key(row)
+        if key != row.get("id"):
+            bad_keys[key] += 1
+            key = key if bad_keys[key] == 1 else f"{key[:-1]} #{bad_keys[key]}>"
         if key in done:
             yield RowState.COMMITTED, key, row, None
             continue

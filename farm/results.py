@@ -20,58 +20,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from farm import storage
+from farm.records import COLUMNS, CORE, IDENTITY, Record
 from farm.storage import OutputLayout
 
 log = logging.getLogger("farm")
 
-CORE_FIELDS: tuple[pa.Field, ...] = (
-    pa.field("id", pa.string(), nullable=False),
-    pa.field("status", pa.string(), nullable=False),
-    pa.field("error_code", pa.string()),
-    pa.field("error_message", pa.string()),
-    pa.field("video", pa.string()),
-    pa.field("portrait", pa.string()),
-    pa.field("prompt", pa.string()),
-    pa.field("negative_prompt", pa.string()),
-    pa.field("num_frames", pa.int32()),
-    pa.field("height", pa.int32()),
-    pa.field("width", pa.int32()),
-    pa.field("num_inference_steps", pa.int32()),
-    pa.field("guidance_scale", pa.float64()),
-    pa.field("guidance_scale_i", pa.float64()),
-    pa.field("ip_scale", pa.float64()),
-    pa.field("ref_scale", pa.float64()),
-    pa.field("fps", pa.int32()),
-    pa.field("seed", pa.int64()),
-    pa.field("model", pa.string()),
-    pa.field("queue_s", pa.float64()),
-    pa.field("prepare_s", pa.float64()),
-    pa.field("generate_s", pa.float64()),
-    pa.field("encode_s", pa.float64()),
-    pa.field("score_s", pa.float64()),
-    pa.field("total_s", pa.float64()),
-    pa.field("replica", pa.string()),
-    pa.field("node", pa.string()),
-    pa.field("gpu_ids", pa.string()),
-    pa.field("attempts", pa.int32()),
-    pa.field("committed_at", pa.timestamp("ms", tz="UTC")),
-    pa.field("run_seq", pa.int64()),
-    pa.field("run_id", pa.string()),
-)
 
-IDENTITY_FIELDS: tuple[pa.Field, ...] = (
-    pa.field("identity_mean", pa.float64()),
-    pa.field("identity_min", pa.float64()),
-    pa.field("identity_max", pa.float64()),
-    pa.field("identity_std", pa.float64()),
-    pa.field("identity_distance_mean", pa.float64()),
-    pa.field("identity_distance_min", pa.float64()),
-    pa.field("identity_distance_max", pa.float64()),
-    pa.field("face_frames", pa.int32()),
-    pa.field("frames_scored", pa.int32()),
-    pa.field("face_rate", pa.float64()),
-    pa.field("identity_model", pa.string()),
-)
+def _arrow_field(column: Any) -> pa.Field:
+    return pa.field(column.name, column.metadata["arrow"], nullable=not column.metadata["required"])
+
+
+CORE_FIELDS: tuple[pa.Field, ...] = tuple(_arrow_field(c) for c in COLUMNS if c.metadata["group"] == CORE)
+IDENTITY_FIELDS: tuple[pa.Field, ...] = tuple(_arrow_field(c) for c in COLUMNS if c.metadata["group"] == IDENTITY)
 
 RESERVED = frozenset(f.name for f in CORE_FIELDS + IDENTITY_FIELDS)
 CARRY_PREFIX = "input_"
@@ -90,14 +50,20 @@ def result_schema(carried: pa.Schema | None = None) -> pa.Schema:
     return pa.schema(fields)
 
 
-def records_to_table(records: Iterable[dict[str, Any]], schema: pa.Schema) -> pa.Table:
+def records_to_table(records: Iterable[Record], schema: pa.Schema) -> pa.Table:
+    """Records as a table of ``schema``; a carried value whose column ``schema`` lacks is an error, not dropped."""
     rows = list(records)
-    columns = {name: [r.get(name) for r in rows] for name in schema.names}
+    names = set(schema.names)
+    for rec in rows:
+        stray = sorted(set(rec.carried) - names)
+        if stray:
+            raise KeyError(f"record {rec.id!r} carries {stray}, which the results schema has no column for")
+    columns = {name: [r.value(name) for r in rows] for name in schema.names}
     return pa.Table.from_pydict(columns, schema=schema)
 
 
 def write_part(
-    layout: OutputLayout, run_seq: int, run_id: str, seq: int, records: list[dict[str, Any]], schema: pa.Schema
+    layout: OutputLayout, run_seq: int, run_id: str, seq: int, records: list[Record], schema: pa.Schema
 ) -> str:
     """Commit ``records`` as one Parquet part of the log (atomic); returns its URI."""
     buf = io.BytesIO()
@@ -132,11 +98,11 @@ class ResultWriter:
         self.every_s = every_s
         self.run_id = run_id or new_run_id()
         self.run_seq = run_seq
-        self.buffer: list[dict[str, Any]] = []
+        self.buffer: list[Record] = []
         self.seq = 0
         self.last_flush = time.monotonic()
 
-    def add(self, record: dict[str, Any]) -> None:
+    def add(self, record: Record) -> None:
         self.buffer.append(record)
         if len(self.buffer) >= self.every_rows:
             self.flush()
@@ -157,9 +123,7 @@ class ResultWriter:
             self.guard()
         now = dt.datetime.now(dt.timezone.utc)
         for rec in self.buffer:
-            rec["committed_at"] = now
-            rec["run_seq"] = self.run_seq
-            rec["run_id"] = self.run_id
+            rec.set(committed_at=now, run_seq=self.run_seq, run_id=self.run_id)
         write_part(self.layout, self.run_seq, self.run_id, self.seq, self.buffer, self.schema)
         self.seq += 1
         self.buffer = []

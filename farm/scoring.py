@@ -27,9 +27,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from tqdm import tqdm
 
-from farm import results, secrets, storage, table
+from farm import fingerprints, results, secrets, storage, table
 from farm.manifest import Manifest, ManifestError, RowState, plan_rows
-from farm.records import ErrorCode, InfraError, Status
+from farm.records import ErrorCode, InfraError, Record, Status
 from farm.storage import OutputLayout
 
 log = logging.getLogger(__name__)
@@ -308,14 +308,17 @@ def score_manifest(
     done = _done_ids(layout, retry_failed)
     counts: Counter[str] = Counter()
     model = f"score:{recognizer}"
+    identity = {"recognizer": recognizer, "pack": pack, "frames": frames, "strict": strict}
+    metrics = fingerprints.canonical({"identity": {**identity, "min_face_size": min_face_size}})
 
-    def commit(row: dict[str, Any], rec: dict[str, Any]) -> None:
-        for name in extra:
-            rec[results.carried_name(name)] = row.get(name)
-        rec.setdefault("model", model)
-        if rec.get("error_message"):
-            rec["error_message"] = secrets.scrub(rec["error_message"])
-        counts[rec["status"]] += 1
+    def commit(row: dict[str, Any], fields: dict[str, Any]) -> None:
+        rec = Record(**fields, carried={results.carried_name(name): row.get(name) for name in extra})
+        rec.set(model=rec.model or model, metrics_config=metrics)
+        if rec.status == Status.OK.value:
+            rec.metrics_fingerprint = fingerprints.metrics_fingerprint(metrics, rec.identity_model)
+        if rec.error_message:
+            rec.error_message = secrets.scrub(rec.error_message)
+        counts[rec.status] += 1
         writer.add(rec)
         bar.update(1)
 

@@ -9,6 +9,7 @@ retried with backoff, then ``InfraError``; a missing object or a bad image: the 
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -289,8 +290,9 @@ class PortraitPolicy:
 DEFAULT_PORTRAIT_POLICY = PortraitPolicy()
 
 
-def _portrait_size(uri: str, storage_options: dict[str, Any] | None, retry: RetryPolicy) -> int | None:
-    """The portrait's size from metadata (stat / HEAD), before any byte is read; refuses what is not a file."""
+def _portrait_size(uri: str, storage_options: dict[str, Any] | None, retry: RetryPolicy) -> tuple[int | None, str]:
+    """The portrait's size and version stamp from metadata (stat / HEAD), before any byte is read; refuses what is
+    not a file."""
     fs, path = get_fs(uri, storage_options)
     if is_local(uri):
         st = os.stat(path)
@@ -299,12 +301,37 @@ def _portrait_size(uri: str, storage_options: dict[str, Any] | None, retry: Retr
                 ErrorCode.PORTRAIT_UNREADABLE,
                 f"portrait {uri!r} is {_kind(st.st_mode)}, not a regular file; give an image file",
             )
-        return st.st_size
+        return st.st_size, _local_stamp(st)
     info = _remote(uri, "reading", lambda: fs.info(path), retry)
     if info.get("type", "file") != "file":
         raise RowError(ErrorCode.PORTRAIT_UNREADABLE, f"portrait {uri!r} is a {info.get('type')}, not a file")
     size = info.get("size")
-    return int(size) if size is not None else None
+    return (int(size) if size is not None else None), _remote_stamp(info)
+
+
+def _local_stamp(st: os.stat_result) -> str:
+    return f"size={st.st_size};mtime_ns={st.st_mtime_ns}"
+
+
+def _remote_stamp(info: dict[str, Any]) -> str:
+    """What a store says identifies this version of an object: its ETag/hash, else size and modification time."""
+    for key in ("ETag", "etag", "md5Hash", "content_md5", "version_id", "VersionId"):
+        if info.get(key):
+            return f"{key}={str(info[key]).strip(chr(34))}"
+    modified = next((info[k] for k in ("LastModified", "last_modified", "mtime", "updated") if info.get(k)), None)
+    return f"size={info.get('size')};modified={modified}"
+
+
+def file_stamp(uri: str, storage_options: dict[str, Any] | None = None) -> str:
+    """The version stamp of a file (``farm.resume`` compares it with the one a record kept, without reading it)."""
+    fs, path = get_fs(uri, storage_options)
+    if is_local(uri):
+        return _local_stamp(os.stat(path))
+    return _remote_stamp(_remote(uri, "checking", lambda: fs.info(path)))
+
+
+def file_sha256(uri: str, storage_options: dict[str, Any] | None = None) -> str:
+    return hashlib.sha256(read_bytes(uri, storage_options)).hexdigest()
 
 
 def _read_bounded(uri: str, storage_options: dict[str, Any] | None, max_bytes: int, retry: RetryPolicy) -> bytes:
@@ -331,9 +358,25 @@ def _too_big(uri: str, size: int, limits: ImageLimits) -> RowError:
     )
 
 
+@dataclass(frozen=True)
+class PortraitFile:
+    """A decoded portrait and which bytes it came from (records keep both, so a rerun notices a replaced file)."""
+
+    image: np.ndarray
+    sha256: str
+    stamp: str
+
+
 def read_portrait(
     uri: str, storage_options: dict[str, Any] | None = None, policy: PortraitPolicy = DEFAULT_PORTRAIT_POLICY
 ) -> np.ndarray:
+    """A portrait for a row as RGB uint8 (``load_portrait`` without the provenance)."""
+    return load_portrait(uri, storage_options, policy).image
+
+
+def load_portrait(
+    uri: str, storage_options: dict[str, Any] | None = None, policy: PortraitPolicy = DEFAULT_PORTRAIT_POLICY
+) -> PortraitFile:
     """A portrait for a row: ``RowError`` when the row points at nothing usable (outside the allowed roots, missing,
     not a regular file, over a limit, not an image); ``InfraError`` when the store or network failed (expired or
     refused credentials, throttling, 5xx, timeouts: retried here first, then by the driver; never cached)."""
@@ -342,7 +385,7 @@ def read_portrait(
     check_allowed_root(uri, policy.allowed_roots)
     limits = policy.limits
     try:
-        size = _portrait_size(uri, storage_options, policy.retry)
+        size, stamp = _portrait_size(uri, storage_options, policy.retry)
         if size is not None and size > limits.max_bytes:
             raise _too_big(uri, size, limits)
         if size is None:
@@ -358,11 +401,12 @@ def read_portrait(
     if len(data) > limits.max_bytes:
         raise _too_big(uri, len(data), limits)
     try:
-        return images.decode_image(data, limits)
+        image = images.decode_image(data, limits)
     except MemoryError as exc:
         raise InfraError(f"out of memory decoding portrait {uri!r} ({len(data)} bytes)") from exc
     except Exception as exc:  # noqa: BLE001 - whatever PIL raises, the bytes are not a usable image
         raise RowError(ErrorCode.PORTRAIT_UNREADABLE, f"portrait {uri!r} is not a readable image: {exc}") from None
+    return PortraitFile(image, hashlib.sha256(data).hexdigest(), stamp)
 
 
 def read_image(uri: str, storage_options: dict[str, Any] | None = None) -> np.ndarray:

@@ -9,7 +9,7 @@ from typing import Any
 
 from farm import storage
 from farm.config import JobSpec
-from farm.manifest import Manifest, check_id, resolve_row
+from farm.manifest import Manifest, RowState, plan_rows, resolve_row
 from farm.records import ErrorCode, RowError
 from farm.worker import row_defaults
 
@@ -44,45 +44,52 @@ class ValidationReport:
         return "\n".join(lines)
 
 
-def _portrait_problem(uri: str, job: JobSpec) -> str | None:
-    """What ``farm run`` would find wrong with this portrait (same reader, limits and allowed roots)."""
+def _portrait_problem(uri: str, job: JobSpec) -> tuple[ErrorCode, str] | None:
+    """What ``farm run`` would record for this portrait (same reader, limits and allowed roots): its error code and
+    message; a storage fault is ``infra_error`` (the run would retry it)."""
     try:
-        storage.read_portrait(uri, job.storage_options, job.portrait_policy())
-    except Exception as exc:  # noqa: BLE001 - any failure to open is the finding
-        return f"{type(exc).__name__}: {exc}"
+        storage.load_portrait(uri, job.storage_options, job.portrait_policy())
+    except RowError as exc:
+        return exc.code, exc.message
+    except Exception as exc:  # noqa: BLE001 - any other failure to open is a finding too
+        return ErrorCode.INFRA, f"{uri}: {type(exc).__name__}: {exc}"
     return None
 
 
 def validate_job(job: JobSpec, check_portraits: bool | None = None, workers: int = 8) -> ValidationReport:
-    """Validate every row; with ``check_portraits`` also open every distinct portrait (in parallel)."""
+    """Classify every row as ``farm run`` would (the same ``plan_rows`` and ``resolve_row``: a duplicated id is one
+    ``duplicate_id`` finding, as it becomes one record); with ``check_portraits`` also open every distinct portrait
+    with the run's own reader (``storage.load_portrait``: its limits and allowed roots), in parallel."""
     check_portraits = job.runtime.check_portraits if check_portraits is None else check_portraits
     manifest = Manifest(job.manifest, job.storage_options)
     defaults = row_defaults(job)
-    duplicates = manifest.duplicate_ids()
     report = ValidationReport(extra_columns=manifest.extra_columns)
     portraits: dict[str, list[Any]] = {}
-    for row in manifest.rows():
+    for state, key, row, error in plan_rows(manifest, set()):
         report.rows += 1
-        row_id = row.get("id")
-        if row_id in duplicates:
-            report.add(ErrorCode.DUPLICATE_ID, row_id, "id occurs more than once")
-            continue
+        if state is RowState.REPEAT:
+            continue  # the first row of a duplicated id carries the one duplicate_id finding
         try:
-            check_id(row_id)
-            resolve_row(row, defaults)
+            if error is not None:
+                raise error
+            resolve_row({**row, "id": key}, defaults)
         except RowError as exc:
-            report.add(exc.code, row_id, exc.message)
+            report.add(exc.code, key, exc.message)
             continue
         if check_portraits:
-            portraits.setdefault(row["portrait"], []).append(row_id)
+            portraits.setdefault(row["portrait"], []).append(key)
         report.valid += 1
     if portraits:
-        with ThreadPoolExecutor(workers) as pool:
-            problems = pool.map(lambda uri: (uri, _portrait_problem(uri, job)), list(portraits))
-            for uri, problem in problems:
-                if problem is None:
-                    continue
-                for row_id in portraits[uri]:
-                    report.add(ErrorCode.PORTRAIT_UNREADABLE, row_id, f"{uri}: {problem}")
-                    report.valid -= 1
+        _check_portraits(job, portraits, report, workers)
     return report
+
+
+def _check_portraits(job: JobSpec, portraits: dict[str, list[Any]], report: ValidationReport, workers: int) -> None:
+    with ThreadPoolExecutor(workers) as pool:
+        for uri, problem in pool.map(lambda uri: (uri, _portrait_problem(uri, job)), list(portraits)):
+            if problem is None:
+                continue
+            code, message = problem
+            for row_id in portraits[uri]:
+                report.add(code, row_id, message)
+                report.valid -= 1

@@ -28,7 +28,7 @@ from farm.manifest import RowDefaults
 from farm.models import build_backend
 from farm.models.base import Backend
 from farm.params import SamplingParams
-from farm.records import ErrorCode, InfraError, RowError, Status
+from farm.records import ErrorCode, InfraError, Outcome, Record, RowError, Status
 from farm.storage import OutputLayout
 from farm.types import GenerationRequest
 from farm.video import decode_video, encode_mp4
@@ -118,10 +118,13 @@ def nbytes_of(value: Any, depth: int = 4) -> int:
 
 @dataclass
 class Portrait:
-    """What a replica keeps per portrait: the backend's subject and the identity embedding, not the decoded image."""
+    """What a replica keeps per portrait: the backend's subject, the identity embedding and which bytes they came
+    from; not the decoded image."""
 
     subject: Any
     embedding: np.ndarray | None
+    sha256: str
+    stamp: str
 
 
 class RowProcessor:
@@ -160,15 +163,15 @@ class RowProcessor:
     # ------------------------------------------------------------------ stages
     def _load_portrait(self, uri: str) -> Portrait:
         # an InfraError propagates: the driver retries the row elsewhere, and nothing is cached
-        image = storage.read_portrait(uri, self.job.storage_options, self.job.portrait_policy())
+        found = storage.load_portrait(uri, self.job.storage_options, self.job.portrait_policy())
         embedding = None
         if self.recognizer is not None:
             ident = self.job.identity
             embedding = self.recognizer.portrait_embedding(
-                image, strict=ident.strict, min_face_size=ident.min_face_size
+                found.image, strict=ident.strict, min_face_size=ident.min_face_size
             )
-        subject = self.backend.prepare_subject(image)
-        return Portrait(subject=subject, embedding=embedding)
+        subject = self.backend.prepare_subject(found.image)
+        return Portrait(subject=subject, embedding=embedding, sha256=found.sha256, stamp=found.stamp)
 
     def _inject(self, row_id: str, dispatch: int) -> None:
         """Fault injection for tests and chaos drills (``runtime.inject_faults``); a no-op unless configured."""
@@ -212,48 +215,72 @@ class RowProcessor:
         return self.recognizer.score_frames(frames, portrait.embedding, k=self.job.identity.frames)
 
     # ------------------------------------------------------------------ entry point
-    def process(self, task: dict[str, Any]) -> dict[str, Any]:
-        """Run one row; returns the record fields. ``retry=True`` marks an infrastructure fault."""
+    def process(self, task: dict[str, Any]) -> Outcome:
+        """Run one row (``task["rescore"]``: score its committed video again, no generation); returns what the
+        replica knows of its record, ``retry=True`` for an infrastructure fault."""
         started = time.time()
         request: GenerationRequest = task["request"]
-        record: dict[str, Any] = {
-            "id": request.id,
-            "replica": self.replica,
-            "queue_s": max(0.0, started - task.get("dispatched_at", started)),
-        }
+        record = Record(
+            id=request.id, replica=self.replica, queue_s=max(0.0, started - task.get("dispatched_at", started))
+        )
+        outcome = Outcome(record)
         try:
             t0 = time.perf_counter()
             portrait = self.portraits.get(task["portrait"], lambda: self._load_portrait(task["portrait"]))
-            record["prepare_s"] = time.perf_counter() - t0
-            frames, record["generate_s"] = self._generate(portrait, request, task.get("dispatch", 1))
-            t1 = time.perf_counter()
-            frames = self.backend.postprocess(frames, request)
-            video = encode_mp4(frames, request.params.fps, self._metadata(request))
-            del frames
-            uri = self.layout.video(request.id)
-            storage.write_bytes_atomic(uri, video, self.job.storage_options)
-            record["encode_s"] = time.perf_counter() - t1
-            t2 = time.perf_counter()
-            metrics = self._score(video, portrait)
-            record["score_s"] = time.perf_counter() - t2
-            per_frame = metrics.pop("per_frame", None)
-            if metrics or per_frame:
-                payload = {"id": request.id, **metrics, "per_frame": per_frame}
-                self.layout.write_json(self.layout.metrics(request.id), json.loads(json.dumps(payload, default=float)))
-            record.update(metrics)
-            record.update(status=Status.OK.value, video=uri)
+            record.set(
+                prepare_s=time.perf_counter() - t0, portrait_sha256=portrait.sha256, portrait_stamp=portrait.stamp
+            )
+            if task.get("rescore"):
+                video, uri = self._committed_video(task["rescore"]), task["rescore"]
+            else:
+                video, uri = self._make_video(portrait, request, task.get("dispatch", 1), record)
+            self._score_into(record, video, portrait)
+            record.set(status=Status.OK.value, video=uri)
         except RowError as exc:
-            record.update(status=Status.FAILED.value, error_code=exc.code.value, error_message=exc.message)
+            record.set(status=Status.FAILED.value, error_code=exc.code.value, error_message=exc.message)
         except Exception as exc:  # noqa: BLE001 - classified: infra faults retry, the rest is recorded
-            record.update(
+            record.set(
                 status=Status.FAILED.value,
                 error_code=(ErrorCode.INFRA if _is_infra(exc) else ErrorCode.GENERATION_ERROR).value,
                 error_message=f"{type(exc).__name__}: {exc}"[:2000],
-                traceback=traceback.format_exc(limit=20),
-                retry=True,
             )
-        record["total_s"] = time.time() - task.get("dispatched_at", started)
-        return record
+            outcome.retry, outcome.traceback = True, traceback.format_exc(limit=20)
+        record.total_s = time.time() - task.get("dispatched_at", started)
+        return outcome
+
+    def _committed_video(self, uri: str) -> bytes:
+        """The video an earlier run committed (to score it again); gone -> the row's ``video_unreadable``."""
+        try:
+            return storage.read_bytes(uri, self.job.storage_options)
+        except FileNotFoundError:
+            raise RowError(
+                ErrorCode.VIDEO_UNREADABLE, f"committed video {uri!r} is gone; rerun with --regenerate-changed"
+            ) from None
+
+    def _make_video(
+        self, portrait: Portrait, request: GenerationRequest, dispatch: int, record: Record
+    ) -> tuple[bytes, str]:
+        """Generate, encode and store the row's video; returns its bytes and URI."""
+        frames, record.generate_s = self._generate(portrait, request, dispatch)
+        t1 = time.perf_counter()
+        frames = self.backend.postprocess(frames, request)
+        video = encode_mp4(frames, request.params.fps, self._metadata(request))
+        del frames
+        uri = self.layout.video(request.id)
+        storage.write_bytes_atomic(uri, video, self.job.storage_options)
+        record.encode_s = time.perf_counter() - t1
+        return video, uri
+
+    def _score_into(self, record: Record, video: bytes, portrait: Portrait) -> None:
+        """The metrics of ``video`` into ``record``; per-frame values also to ``metrics/<id>.json`` when asked."""
+        t2 = time.perf_counter()
+        metrics = self._score(video, portrait)
+        record.score_s = time.perf_counter() - t2
+        per_frame = metrics.pop("per_frame", None)
+        if self.job.identity.per_frame_json and (metrics or per_frame):
+            payload = {"id": record.id, **metrics, "per_frame": per_frame}
+            self.layout.write_json(self.layout.metrics(record.id), json.loads(json.dumps(payload, default=float)))
+        record.set(**metrics)
 
     def stats(self) -> dict[str, float]:
         span = 0.0

@@ -22,7 +22,7 @@ from farm import results, table
 from farm.cli import main
 from farm.manifest import Manifest, ManifestError, RowDefaults, derive_seed, resolve_row
 from farm.params import SamplingParams
-from farm.records import ErrorCode, RowError
+from farm.records import ErrorCode, Record, RowError
 from farm.storage import OutputLayout
 from farm.validate import validate_job
 from tests.helpers import ASTRONAUT, rows, still_job, write_manifest
@@ -251,8 +251,9 @@ def test_dictionary_and_large_string_columns(tmp_path: Path) -> None:
 
 
 def test_duplicate_ids_across_files_row_groups_and_case(tmp_path: Path) -> None:
-    """Duplicates are found across files and row groups (one streaming pass over ``id``); every row of a duplicated
-    id is ``duplicate_id`` (at run time: one failed record for the id). Ids differing only by case are distinct."""
+    """Duplicates are found across files and row groups (one streaming pass over ``id``); no row of a duplicated id
+    runs, and ``farm validate`` reports one ``duplicate_id`` finding per id, as ``farm run`` makes one failed record
+    for it (both classify rows with ``plan_rows``). Ids differing only by case are distinct."""
     _write(tmp_path / "a.parquet", _table([f"r{i}" for i in range(10)] + ["Dup"]), row_group_size=3)
     _write(tmp_path / "b.parquet", _table(["r7", "dup", "r11"]))
     assert pq.read_metadata(tmp_path / "a.parquet").num_row_groups == 4
@@ -260,7 +261,7 @@ def test_duplicate_ids_across_files_row_groups_and_case(tmp_path: Path) -> None:
     assert [r["id"] for r in m.rows()] == [f"r{i}" for i in range(10)] + ["Dup", "r7", "dup", "r11"]
     assert m.duplicate_ids() == {"r7"}
     report = validate_job(still_job(str(tmp_path), str(tmp_path / "out")))
-    assert report.reasons == {"duplicate_id": 2} and report.valid == 12
+    assert report.reasons == {"duplicate_id": 1} and report.valid == 12 and report.rows == 14
 
 
 @pytest.mark.parametrize(
@@ -383,7 +384,7 @@ def _run_without_ray(manifest: Manifest, output: Path) -> pa.Table:
         except RowError as exc:
             rec = {"id": row["id"], "status": "failed", "error_code": exc.code.value}
         rec.update({results.carried_name(c): row[c] for c in extra})
-        writer.add(rec)
+        writer.add(Record.from_row(rec))
     writer.flush()
     return table.read_results(layout)
 
@@ -434,10 +435,10 @@ def test_results_survive_an_edited_manifest_between_runs(tmp_path: Path) -> None
     second = results.result_schema(pa.schema([pa.field("extra", pa.string()), pa.field("lang", pa.string())]))
     w1 = results.ResultWriter(layout, first, 1)
     for i in range(3):
-        w1.add({"id": f"r{i}", "status": "failed", "extra": i})
+        w1.add(Record(id=f"r{i}", status="failed", carried={"extra": i}))
     w1.flush()
     w2 = results.ResultWriter(layout, second, 2)
-    w2.add({"id": "r1", "status": "ok", "extra": "one", "lang": "en"})
+    w2.add(Record(id="r1", status="ok", carried={"extra": "one", "lang": "en"}))
     w2.flush()
     got = table.read_results(layout)
     assert got.column("id").to_pylist() == ["r0", "r1", "r2"]

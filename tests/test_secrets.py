@@ -11,7 +11,8 @@ import pytest
 
 from farm import secrets
 from farm.cli import main
-from farm.records import ErrorCode
+from farm.recording import RecordMaker
+from farm.records import ErrorCode, Status
 from farm.report import export_results, status_text
 from farm.results import ResultWriter, result_schema
 from farm.runtime.driver import Driver, run_job
@@ -130,10 +131,11 @@ def test_error_messages_of_records_are_scrubbed(tmp_path: Path) -> None:
     manifest = write_manifest(tmp_path / "m.parquet", rows(1))
     job = still_job(manifest, str(tmp_path / "out"), model={"options": {"storage_options": {"secret": MODEL_SECRET}}})
     driver = Driver(job, progress=False)
-    driver.extra_columns = []
+    driver.maker = RecordMaker("still", "{}", "{}", [])
     driver.writer = ResultWriter(driver.layout, result_schema(), 1)
     row = {"id": "row-000", "portrait": f"https://me:{PASSWORD}@img.example/p.png", "prompt": "p"}
-    driver._record_failure(row, None, ErrorCode.PORTRAIT_UNREADABLE, f"403 for s3://b/p.png with {MODEL_SECRET}")
+    message = f"403 for s3://b/p.png with {MODEL_SECRET}"
+    driver._commit(driver.maker.invalid(row, "row-000", ErrorCode.PORTRAIT_UNREADABLE, message, Status.FAILED))
     driver.writer.flush()
     (rec,) = read_results(driver.layout).to_pylist()
     assert rec["error_message"] == "403 for s3://b/p.png with ***"

@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from farm.fingerprints import model_config
 from farm.params import SamplingParams
 from farm.types import GenerationRequest, ModelSpec, ReplicaResources
 
@@ -21,6 +22,9 @@ class Backend(ABC):
     """Base class of every video backend."""
 
     name: ClassVar[str]
+    # ``model.options`` that change speed or memory but never a video: left out of ``output_config``, so turning
+    # them on does not make a rerun redo committed rows.
+    SPEED_OPTIONS: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, spec: ModelSpec) -> None:
         self.spec = spec
@@ -40,6 +44,11 @@ class Backend(ABC):
     def describe(self) -> str:
         """Human name written into mp4 metadata and ``_job.json``, e.g. ``"Lynx full (Wan2.1-T2V-14B)"``."""
         return self.name if self.spec.variant is None else f"{self.name} {self.spec.variant}"
+
+    def output_config(self) -> str:
+        """The settings that shape this backend's videos, as canonical JSON (``farm.fingerprints.model_config``)."""
+        options = {k: v for k, v in self.spec.options.items() if k not in self.SPEED_OPTIONS | {"storage_options"}}
+        return model_config(self.name, self.spec.variant, self.spec.dtype, dict(self.spec.weights), options)
 
     # --- per replica -------------------------------------------------------------------------------------
     @abstractmethod

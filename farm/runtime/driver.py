@@ -8,6 +8,7 @@ committed records, holds the output lease, shows progress and writes ``_job.json
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 import math
 import os
@@ -20,32 +21,26 @@ from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 from tqdm import tqdm
 
-from farm import __version__, results, secrets, table
+from farm import __version__, results, resume, secrets, table
 from farm.config import JobSpec, SpecError
+from farm.fingerprints import metrics_config
 from farm.lease import LeaseLost, OutputLease
 from farm.manifest import Manifest, ManifestError, RowDefaults, RowState, plan_rows, resolve_row
 from farm.models import build_backend
-from farm.records import ErrorCode, InfraError, RowError, Status
+from farm.recording import RecordMaker, scrubbed
+from farm.records import ErrorCode, InfraError, Outcome, Record, RowError, Status
+from farm.resume import ResumePlan
 from farm.runtime import cluster
 from farm.runtime.errors import JobAborted
 from farm.runtime.pool import Ask, Done, Dropped, Lost, Paused, Ready, ReplicaPool
 from farm.runtime.scheduler import Final, Loss, Scheduler, Task
 from farm.storage import OutputLayout, is_local
-from farm.types import GenerationRequest
 from farm.worker import row_defaults
 
 log = logging.getLogger("farm")
 MAX_COMMIT_FAILURES = 10  # results parts that storage refused in a row (each after its own retries) end the run
-
-# Fields a replica's record carries for the driver only (not result columns): read and removed before the record is
-# merged with the row's carried-through manifest columns, so a manifest column of the same name keeps its value.
-RETRY, TRACEBACK = "retry", "traceback"
-# URIs a record carries lose their URL password as they are committed (error messages lose every secret value too;
-# carried manifest columns stay verbatim).
-URI_FIELDS = ("portrait", "video")
 
 
 @dataclass
@@ -84,9 +79,17 @@ class Driver:
     RECONCILE_EVERY_S = 2.0  # how often the pool re-reads the cluster (GPU nodes that joined)
 
     def __init__(
-        self, job: JobSpec, progress: bool = True, retry_failed: bool = False, address: str | None = None
+        self,
+        job: JobSpec,
+        progress: bool = True,
+        retry_failed: bool = False,
+        address: str | None = None,
+        regenerate_changed: bool = False,
+        rescore_changed: bool = False,
     ) -> None:
         self.job = job
+        self.regenerate_changed = regenerate_changed
+        self.rescore_changed = rescore_changed
         secrets.remember(job.model_dump(mode="json"))  # error messages and log lines never show these values
         secrets.install_log_filter()
         self.progress = progress
@@ -97,6 +100,8 @@ class Driver:
         self.init_failures = 0
         self.ever_ready = False
         self.fingerprint: str | None = None
+        self.weights: dict[str, str | None] = {}  # replica key -> the model fingerprint it reported when ready
+        self.resume = ResumePlan()
         self.model_name: str = ""
         self.bar: tqdm | None = None
         self.started = time.monotonic()
@@ -141,58 +146,27 @@ class Driver:
 
     # ------------------------------------------------------------------ rows
     def _row_stream(self, manifest: Manifest, defaults: RowDefaults, done: set[str]) -> Iterator[Task]:
-        for state, key, row, error in plan_rows(manifest, done):
+        for state, key, raw, error in plan_rows(manifest, done):
             if state is not RowState.TODO:
                 self.already_committed += state is RowState.COMMITTED
                 self._tick()
                 continue
-            row = {**row, "id": key}
+            row = {**raw, "id": key}
             try:
                 if error is not None:
                     raise error
                 request = resolve_row(row, defaults)
             except RowError as exc:
                 status = Status.SKIPPED if exc.code == ErrorCode.RIGHTS_NOT_CONFIRMED else Status.FAILED
-                self._record_failure(row, None, exc.code, exc.message, status=status)
+                self._commit(self.maker.invalid(raw, key, exc.code, exc.message, status))
                 continue
             yield Task(row=row, request=request)
 
-    def _base_record(self, task_row: dict[str, Any], request: GenerationRequest | None) -> dict[str, Any]:
-        rec: dict[str, Any] = {
-            "id": task_row.get("id"),
-            "portrait": task_row.get("portrait"),
-            "prompt": task_row.get("prompt"),
-            "model": self.model_name,
-        }
-        if request is not None:
-            rec.update(request.params.as_dict())
-            rec.update(prompt=request.prompt, negative_prompt=request.negative_prompt, seed=request.seed)
-        for name in self.extra_columns:
-            rec[results.carried_name(name)] = task_row.get(name)
-        return rec
-
-    def _record_failure(
-        self,
-        row: dict[str, Any],
-        task: Task | None,
-        code: ErrorCode,
-        message: str,
-        status: Status = Status.FAILED,
-    ) -> None:
-        rec = self._base_record(row, task.request if task else None)
-        rec.update(status=status.value, error_code=code.value, error_message=message, video=None)
-        rec["attempts"] = task.dispatches if task else 0
-        self._commit(rec)
-
-    def _commit(self, record: dict[str, Any]) -> None:
-        if isinstance(record.get("error_message"), str):
-            record["error_message"] = secrets.scrub(record["error_message"])
-        for name in URI_FIELDS:
-            if isinstance(record.get(name), str):
-                record[name] = secrets.strip_userinfo(record[name])
-        self.counts[record["status"]] += 1
-        if record.get("error_code"):
-            self.counts[f"failed:{record['error_code']}"] += 1
+    def _commit(self, record: Record) -> None:
+        record = scrubbed(record)
+        self.counts[record.status] += 1
+        if record.error_code:
+            self.counts[f"failed:{record.error_code}"] += 1
         self._tick()
         try:
             self.writer.add(record)  # buffered first: a failed commit keeps it for the next try
@@ -222,7 +196,8 @@ class Driver:
 
     def _commit_finals(self, finals: list[Final]) -> None:
         for final in finals:
-            self._record_failure(final.task.row, final.task, final.code, final.message)
+            task = final.task
+            self._commit(self.maker.failed(task.row, task.request, task.dispatches, final.code, final.message))
 
     def _tick(self) -> None:
         if self.bar is None:
@@ -246,34 +221,35 @@ class Driver:
         portrait = task.row["portrait"]
         if isinstance(portrait, str) and is_local(portrait) and "://" not in portrait and not os.path.isabs(portrait):
             portrait = os.path.abspath(portrait)  # replicas run in other working directories (other nodes)
+        old = self.resume.rescore.get(task.id)
         return {
             "request": task.request,
             "portrait": portrait,
             "dispatched_at": time.time(),
             "dispatch": task.dispatches,
+            "rescore": old.video if old is not None else None,
         }
 
     # ------------------------------------------------------------------ events
-    def _handle_result(self, key: str, task: Task, rec: dict[str, Any]) -> None:
-        rec = dict(rec)
-        retry, trace = rec.pop(RETRY, False), rec.pop(TRACEBACK, None)
-        if retry:
-            code = ErrorCode(rec["error_code"])
-            message = rec.get("error_message", "")
-            detail = f"\n{trace.rstrip()}" if trace else ""
+    def _handle_result(self, key: str, task: Task, outcome: Outcome) -> None:
+        reported = outcome.record
+        if outcome.retry:
+            message = reported.error_message or ""
+            detail = f"\n{outcome.traceback.rstrip()}" if outcome.traceback else ""
             log.warning("row %s: %s on %s (attempt %d)%s", task.id, message, key, task.dispatches, detail)
-            if self.scheduler.row_fault(key, task, code, message):
+            if self.scheduler.row_fault(key, task, ErrorCode(reported.error_code), message):
                 return
-        out = self._base_record(task.row, task.request)
-        out.update(rec)
-        out["attempts"] = task.dispatches
-        if out["status"] != Status.OK.value:
-            out["video"] = None
-        self._commit(out)
+        old = self.resume.rescore.get(task.id)
+        if old is not None:
+            self._commit(self.maker.rescored(task.row, old, reported))
+            return
+        weights = self.weights.get(key)
+        self._commit(self.maker.finished(task.row, task.request, reported, task.dispatches, weights))
 
     def _on_ready(self, event: Ready) -> None:
         self.scheduler.add_replica(event.key)
         self.ever_ready = True
+        self.weights[event.key] = event.info.get("fingerprint")
         self.fingerprint = self.fingerprint or event.info.get("fingerprint")
         self.model_name = event.info.get("model", self.model_name)
         log.info("%s ready on %s (%s)", event.key, event.info.get("node"), self.pool.waiting_for())
@@ -299,7 +275,7 @@ class Driver:
 
     def _on_event(self, event: Any) -> None:
         if isinstance(event, Done):
-            self._handle_result(event.key, self.scheduler.completed(event.key, event.ticket), event.record)
+            self._handle_result(event.key, self.scheduler.completed(event.key, event.ticket), event.outcome)
         elif isinstance(event, Ready):
             self._on_ready(event)
         elif isinstance(event, Lost):
@@ -354,25 +330,18 @@ class Driver:
             ttl_s=job.runtime.lease_ttl_s,
             renew_every_s=job.runtime.lease_ttl_s / 4,
         )
-        self.model_name = build_backend(job.model_spec()).describe()
+        backend = build_backend(job.model_spec())
+        self.model_name = backend.describe()
+        self.maker = RecordMaker(self.model_name, backend.output_config(), metrics_config(job), self.extra_columns)
         embedded = cluster.connect(self.address)
         self._check_output_reachable(embedded)
         self.lease.acquire()
-        self.lease.start_renewing()
-        self.run_seq = table.next_run_seq(self.layout, self._recorded_run_seq())
-        self.writer = results.ResultWriter(
-            self.layout,
-            schema,
-            self.run_seq,
-            job.runtime.commit_every_rows,
-            job.runtime.commit_every_s,
-            guard=lambda: self.lease.check(),
-            run_id=self.run_id,
-        )
-        done = table.committed_ids(self.layout)
-        if self.retry_failed:
-            merged = table.read_results(self.layout, ["status"])
-            done = set(merged.filter(pc.equal(merged.column("status"), Status.OK.value)).column("id").to_pylist())
+        try:
+            self.lease.start_renewing()
+            done = self._plan_resume(manifest, defaults, schema)
+        except BaseException:
+            self.lease.release()
+            raise
 
         self.pool = ReplicaPool(job, self._ask(embedded), job.resources.replicas, self.run_id, embedded)
         self.scheduler = Scheduler(
@@ -428,6 +397,7 @@ class Driver:
             first_dispatch_s=self.first_dispatch_s,
         )
         if self.lease.lost is None:
+            self._publish()
             self._write_job_json(status=status, summary=summary)
         try:
             self.lease.release()
@@ -456,26 +426,71 @@ class Driver:
             self._kill_late()
             self._commit_due()
 
+    def _plan_resume(self, manifest: Manifest, defaults: RowDefaults, schema: pa.Schema) -> set[str]:
+        """Under the lease, before any replica starts: this run's sequence number, the carried columns' types
+        checked against the log, and what to do with committed rows (``farm.resume``); returns the ids to skip."""
+        job = self.job
+        self.run_seq = table.next_run_seq(self.layout, self._recorded_run_seq())
+        table.check_carried_types(
+            self.layout, pa.schema([schema.field(results.carried_name(c)) for c in self.extra_columns])
+        )
+        context = resume.Context(self.layout, manifest, defaults, self.maker.model_config, self.maker.metrics_config)
+        self.resume = resume.plan_resume(
+            context, self.retry_failed, self.regenerate_changed, self.rescore_changed, job.runtime.verify_portraits
+        )
+        for line in self.resume.changes:
+            log.info("changed since the committed rows: %s", line)
+        self.writer = results.ResultWriter(
+            self.layout,
+            schema,
+            self.run_seq,
+            job.runtime.commit_every_rows,
+            job.runtime.commit_every_s,
+            guard=lambda: self.lease.check(),
+            run_id=self.run_id,
+        )
+        return self.resume.keep
+
     def _recorded_run_seq(self) -> int:
         runs = self.layout.read_json(self.layout.job_json).get("runs", [])
         return max((int(r.get("run_seq") or 0) for r in runs), default=0)
 
+    def _publish(self) -> None:
+        """Compact the log into the published table (``<out>/results/``) while this run still holds the lease; a
+        failure leaves the log (the truth) intact and is retried by the next run or ``farm compact``."""
+        try:
+            published = table.publish(self.layout)
+            log.info("published %s ids to %s", published.get("ids_published"), self.layout.results_dir)
+        except Exception as exc:  # noqa: BLE001 - the records are committed; only the published copy is stale
+            log.warning(
+                "could not publish %s (%s); run `farm compact %s`", self.layout.results_dir, exc, self.job.output
+            )
+
     def _write_job_json(self, status: str, summary: RunSummary | None = None) -> None:
+        """``_job.json``: the latest spec and model at the top, and one entry per run ever made into this output
+        (its own resolved spec and settings, never overwritten by a later run)."""
         previous = self.layout.read_json(self.layout.job_json)
         runs = [r for r in previous.get("runs", []) if r.get("run_id") != self.run_id]
+        spec = self.job.model_dump(mode="json")  # redacted below with the rest (README "Credentials")
         runs.append(
             {
                 "run_id": self.run_id,
                 "run_seq": self.run_seq,
                 "status": status,
                 "updated_at": _utcnow().isoformat(),
+                "farm_version": __version__,
+                "spec": spec,
+                "model_config": json.loads(self.maker.model_config),
+                "metrics_config": json.loads(self.maker.metrics_config),
+                "model_fingerprint": self.fingerprint,
+                "resume": self.resume.as_dict(),
                 **(summary.as_dict() if summary else {}),
             }
         )
         payload = {
             "name": self.job.name,
             "farm_version": __version__,
-            "spec": self.job.model_dump(mode="json"),  # redacted below with the rest (README "Credentials")
+            "spec": spec,
             "model": {
                 "backend": self.job.model.backend,
                 "variant": self.job.model.variant,
@@ -503,8 +518,17 @@ def _raise_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def run_job(job: JobSpec, progress: bool = True, retry_failed: bool = False, address: str | None = None) -> RunSummary:
-    return Driver(job, progress=progress, retry_failed=retry_failed, address=address).run()
+def run_job(
+    job: JobSpec,
+    progress: bool = True,
+    retry_failed: bool = False,
+    address: str | None = None,
+    regenerate_changed: bool = False,
+    rescore_changed: bool = False,
+) -> RunSummary:
+    """Run ``job`` to the end (a rerun resumes; README "Resume" says what the flags redo)."""
+    driver = Driver(job, progress, retry_failed, address, regenerate_changed, rescore_changed)
+    return driver.run()
 
 
 __all__ = ["Driver", "JobAborted", "RunSummary", "run_job"]

@@ -23,6 +23,7 @@ from typing import Any
 import ray
 
 from farm.config import JobSpec
+from farm.records import ErrorCode, Outcome, Record, Status
 from farm.runtime import cluster
 from farm.runtime.replica import RemoteReplica
 from farm.runtime.scheduler import Loss
@@ -59,7 +60,7 @@ class Ready:
 class Done:
     key: str
     ticket: int
-    record: dict[str, Any]
+    outcome: Outcome
 
 
 @dataclass(frozen=True)
@@ -203,13 +204,9 @@ class ReplicaPool:
         except ray.exceptions.RayActorError as exc:
             return self._on_actor_error(handle, exc, ticket)
         except Exception as exc:  # noqa: BLE001 - a bug escaped process(): record it and retry elsewhere
-            record = {
-                "status": "failed",
-                "error_code": "generation_error",
-                "error_message": str(exc)[:2000],
-                "retry": True,
-            }
-            return [Done(handle.key, ticket, record)]
+            record = Record(status=Status.FAILED.value, error_code=ErrorCode.GENERATION_ERROR.value)
+            record.error_message = str(exc)[:2000]
+            return [Done(handle.key, ticket, Outcome(record, retry=True))]
 
     def _on_info(self, handle: _Handle) -> list[Any]:
         try:

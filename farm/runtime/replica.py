@@ -9,6 +9,7 @@ from typing import Any
 import ray
 
 from farm.config import JobSpec
+from farm.records import Outcome
 
 
 class Replica:
@@ -40,11 +41,10 @@ class Replica:
             "model": self.processor.backend.describe(),
         }
 
-    def process(self, task: dict[str, Any]) -> dict[str, Any]:
-        record = self.processor.process(task)
-        record["node"] = self.node
-        record["gpu_ids"] = ",".join(self.gpu_ids)
-        return record
+    def process(self, task: dict[str, Any]) -> Outcome:
+        outcome = self.processor.process(task)
+        outcome.record.set(node=self.node, gpu_ids=",".join(self.gpu_ids))
+        return outcome
 
     def ping(self) -> str:
         """Answers while the process lives (the pool probes a replica that stopped answering)."""

@@ -16,6 +16,7 @@ from typing import Any
 import pyarrow.parquet as pq
 import pytest
 
+from farm.manifest import record_key
 from farm.runtime.driver import run_job
 from farm.storage import OutputLayout
 from farm.table import read_results
@@ -55,29 +56,31 @@ def test_bad_rows_become_records_and_good_rows_get_videos(tmp_path: Path) -> Non
     out = str(tmp_path / "out")
     summary = run_job(still_job(manifest, out, resources={"replicas": 2, **FAST}), progress=False)
     recs = _records(out)
+    bad_key, none_key = record_key(data[5]), record_key(data[12])
+    assert bad_key.startswith("<bad id ") and none_key.startswith("<bad id ") and bad_key != none_key
     assert set(recs) == {
         "row-000",
         "row-001",
         "row-002",
         "dup",
-        "<row 5>",
+        bad_key,
         "empty",
         "range",
         "missing",
         "notimage",
         "noface",
         "norights",
-        "<row 12>",
+        none_key,
     }
     expect = {
         "dup": "duplicate_id",
-        "<row 5>": "bad_id",
+        bad_key: "bad_id",
         "empty": "empty_prompt",
         "range": "bad_param",
         "missing": "portrait_unreadable",
         "notimage": "portrait_unreadable",
         "noface": "no_face",
-        "<row 12>": "bad_id",
+        none_key: "bad_id",
         "norights": "rights_not_confirmed",
     }
     for row_id, code in expect.items():
@@ -107,7 +110,7 @@ def test_identity_scored_with_every_video(tmp_path: Path) -> None:
     job = still_job(
         manifest,
         out,
-        identity={"enabled": True, "recognizer": "dlib", "frames": 3},
+        identity={"enabled": True, "recognizer": "dlib", "frames": 3, "per_frame_json": True},
         defaults={"num_frames": 9, "height": 256, "width": 256},
         resources={"replicas": 1, **FAST},
     )
@@ -348,16 +351,16 @@ def test_manifest_columns_named_like_internal_fields_are_kept(tmp_path: Path, ca
 
 
 def test_run_skips_a_damaged_results_part(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """A foreign or truncated ``*.parquet`` in results/ is skipped at start (warning naming it); the run finishes."""
+    """A foreign or truncated ``*.parquet`` in the log is skipped at start (warning naming it); the run finishes."""
     manifest = write_manifest(tmp_path / "m.parquet", rows(2))
     out = tmp_path / "out"
-    (out / "results").mkdir(parents=True)
-    (out / "results" / "notes.parquet").write_bytes(b"not parquet at all")
+    (out / "_log").mkdir(parents=True)
+    (out / "_log" / "notes.parquet").write_bytes(b"not parquet at all")
     with caplog.at_level(logging.WARNING, logger="farm"):
         summary = run_job(still_job(manifest, str(out), resources={"replicas": 1, **FAST}), progress=False)
     assert summary.counts["ok"] == 2
     assert set(_records(str(out))) == {"row-000", "row-001"}
-    assert str(out / "results" / "notes.parquet") in caplog.text
+    assert str(out / "_log" / "notes.parquet") in caplog.text
 
 
 def test_a_results_part_that_storage_refuses_stays_buffered_and_is_committed_later(

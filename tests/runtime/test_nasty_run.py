@@ -45,9 +45,9 @@ ROWS_A: list[tuple[Any, ...]] = [
     ("seedneg", "-1", None, "p", ASTRONAUT, "bad_param"),
     ("h64", None, "64", "p", ASTRONAUT, "ok"),
     ("hbad", None, "sixty", "p", ASTRONAUT, "bad_param"),
-    ("émoji", None, None, "p", ASTRONAUT, "bad_id"),  # recorded as "<row 10>"
+    ("émoji", None, None, "p", ASTRONAUT, "bad_id"),  # recorded as "<bad id HASH>"
     ("noportrait", None, None, "p", None, "missing_portrait"),
-    (None, None, None, "p", ASTRONAUT, "bad_id"),  # recorded as "<row 12>"
+    (None, None, None, "p", ASTRONAUT, "bad_id"),  # recorded as "<bad id HASH>"
     ("dup", None, None, "first", ASTRONAUT, "duplicate_id"),
     ("blank", None, None, " \t", ASTRONAUT, "empty_prompt"),
 ]
@@ -95,8 +95,8 @@ def _write_manifest(root: Path) -> dict[str, dict[str, Any]]:
     pq.write_table(b, root / "b.parquet")
     pq.write_table(pa.table({"id": pa.array([], pa.int64())}), root / "c.parquet")  # 0 rows, odd type
     carried: dict[str, dict[str, Any]] = {}
-    for index, row in enumerate(Manifest(str(root)).rows()):
-        row_id = record_key(row["id"], index)
+    for row in Manifest(str(root)).rows():
+        row_id = record_key(row)
         carried.setdefault(row_id, row)
     return carried
 
@@ -111,7 +111,7 @@ def test_nasty_manifest_end_to_end_and_rerun(tmp_path: Path) -> None:
 
     table = read_results(OutputLayout(str(out)))
     recs = {r["id"]: r for r in table.drop_columns(["far"]).to_pylist()}  # "far" has no Python datetime
-    expected = {record_key(r[0], i): r[5] for i, r in enumerate(ROWS_A + ROWS_B)}
+    expected = {record_key({"id": r[0], "portrait": r[4], "prompt": r[3]}): r[5] for r in ROWS_A + ROWS_B}
     assert len(recs) == table.num_rows == len(expected) == len(source)
     assert set(recs) == set(expected)
     for row_id, want in expected.items():

@@ -82,6 +82,17 @@ def load_safety_classifier(target: str, model: str | None):
 
 class LynxBackend(Backend):
     name = "lynx"
+    SPEED_OPTIONS = frozenset(
+        {
+            "batch_guidance",
+            "attention_backend",
+            "compile",
+            "cpu_offload",
+            "prompt_cache_size",
+            "subject_cache_size",
+            "ref_cache_size",
+        }
+    )
 
     def __init__(self, spec) -> None:
         super().__init__(spec)

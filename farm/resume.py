@@ -1,0 +1,279 @@
+"""What a rerun into an existing output keeps, redoes, rescores, or refuses to do (README "Resume").
+
+Every record carries fingerprints of what made it (``farm.fingerprints``). Before any GPU time, a rerun compares
+them with what this spec and manifest would make:
+
+- a committed ``ok`` row whose inputs changed (a sampling parameter, seed, prompt, negative prompt, portrait URI or
+  bytes, model settings) is *changed*: the run refuses with a summary of what changed (``ChangedRows``) unless
+  ``--regenerate-changed`` redoes it; one whose metric settings alone changed is rescored from its committed video
+  with ``--rescore-changed`` (no generation);
+- a ``failed`` or ``skipped`` row whose inputs changed is redone (nothing good is lost), as is every ``failed`` row
+  with ``--retry-failed``;
+- records written before fingerprints existed are kept as they are (counted); committed ids no longer in the
+  manifest are kept and counted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from farm import fingerprints, storage, table
+from farm.config import SpecError
+from farm.manifest import Manifest, RowDefaults, RowState, plan_rows, resolve_row
+from farm.params import SAMPLING_FIELDS
+from farm.records import Record, RowError, Status
+from farm.storage import OutputLayout
+
+log = logging.getLogger("farm")
+
+COMPARED = ["status", "request_fingerprint", "metrics_config", "portrait", "portrait_sha256", "portrait_stamp"]
+DIFFED = [*SAMPLING_FIELDS, "fps", "seed", "prompt", "negative_prompt", "portrait", "model_config", "status"]
+STAT_THREADS = 16  # portraits are checked with one metadata call each (stat / HEAD), in parallel
+
+
+class ChangedRows(SpecError):
+    """Committed ``ok`` rows were made differently from what this spec and manifest ask; nothing was run."""
+
+
+@dataclass
+class ResumePlan:
+    """What this run does with each committed id; ``keep`` are skipped, ``rescore`` scored again."""
+
+    keep: set[str] = field(default_factory=set)
+    rescore: dict[str, Record] = field(default_factory=dict)
+    regenerate: set[str] = field(default_factory=set)
+    redo: set[str] = field(default_factory=set)
+    unfingerprinted: int = 0
+    removed: int = 0
+    changes: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "kept": len(self.keep),
+            "regenerated": len(self.regenerate),
+            "rescored": len(self.rescore),
+            "redone_not_ok": len(self.redo),
+            "without_fingerprints": self.unfingerprinted,
+            "not_in_manifest": self.removed,
+            "changes": self.changes,
+        }
+
+
+@dataclass(frozen=True)
+class Context:
+    """What this run would make of each row."""
+
+    layout: OutputLayout
+    manifest: Manifest
+    defaults: RowDefaults
+    model_config: str
+    metrics_config: str
+
+
+def row_fingerprint(ctx: Context, key: str, row: dict[str, Any], error: RowError | None) -> str:
+    """The request fingerprint this run gives a row (an invalid row: a digest of what it holds)."""
+    if error is None:
+        try:
+            request = resolve_row({**row, "id": key}, ctx.defaults)
+            return fingerprints.request_fingerprint(ctx.model_config, request, row["portrait"])
+        except RowError:
+            pass
+    return fingerprints.invalid_fingerprint(ctx.model_config, row)
+
+
+def _rows(ctx: Context) -> Iterator[tuple[str, dict[str, Any], RowError | None]]:
+    for state, key, row, error in plan_rows(ctx.manifest, set()):
+        if state is not RowState.REPEAT:
+            yield key, row, error
+
+
+def plan_resume(
+    ctx: Context,
+    retry_failed: bool = False,
+    regenerate_changed: bool = False,
+    rescore_changed: bool = False,
+    verify_portraits: bool = True,
+) -> ResumePlan:
+    """Compare the output's records with this run; raises ``ChangedRows`` for changes not allowed by a flag."""
+    committed = table.read_results(ctx.layout, COMPARED)
+    plan = ResumePlan()
+    if committed.num_rows == 0:
+        return plan
+    joined, seen = _join_current(ctx, committed)
+    plan.removed = committed.num_rows - seen
+    known = pc.is_valid(joined.column("request_fingerprint"))
+    plan.unfingerprinted = joined.num_rows - pc.sum(known).as_py() if joined.num_rows else 0
+    ok = pc.fill_null(pc.equal(joined.column("status"), Status.OK.value), False)
+    differs = pc.and_(known, pc.not_equal(joined.column("now"), joined.column("request_fingerprint")))
+    same_ok = pc.and_(pc.and_(ok, known), pc.invert(differs))
+    regenerate = _ids(joined, pc.and_(ok, differs))
+    if verify_portraits:
+        regenerate |= _portraits_changed(ctx, joined.filter(same_ok))
+    metrics_moved = pc.fill_null(pc.not_equal(joined.column("metrics_config"), ctx.metrics_config), True)
+    rescore = _ids(joined, pc.and_(same_ok, metrics_moved)) - regenerate
+    failed = pc.fill_null(pc.equal(joined.column("status"), Status.FAILED.value), False)
+    plan.redo = _ids(joined, pc.and_(pc.invert(ok), differs)) | (_ids(joined, failed) if retry_failed else set())
+    refused = (regenerate and not regenerate_changed) or (rescore and not rescore_changed)
+    if regenerate or rescore:
+        plan.changes = describe_changes(ctx, regenerate, rescore)
+    if refused:
+        raise ChangedRows(_refusal(ctx.layout.root, regenerate, rescore, plan.changes))
+    plan.regenerate = regenerate
+    plan.rescore = _records(ctx.layout, rescore)
+    plan.keep = set(committed.column("id").to_pylist()) - plan.regenerate - set(plan.rescore) - plan.redo
+    return plan
+
+
+def _join_current(ctx: Context, committed: pa.Table) -> tuple[pa.Table, int]:
+    """Committed records joined with this run's fingerprint (``now``) of the same id; also how many committed ids
+    the manifest still has."""
+    ids = set(committed.column("id").to_pylist())
+    keys: list[str] = []
+    now: list[str] = []
+    for key, row, error in _rows(ctx):
+        if key in ids:
+            keys.append(key)
+            now.append(row_fingerprint(ctx, key, row, error))
+    current = pa.table({"id": pa.array(keys, pa.string()), "now": pa.array(now, pa.string())})
+    return committed.join(current, "id", join_type="inner"), len(keys)
+
+
+def _ids(joined: pa.Table, mask: pa.ChunkedArray | pa.Array) -> set[str]:
+    return set(joined.filter(pc.fill_null(mask, False)).column("id").to_pylist())
+
+
+def _portraits_changed(ctx: Context, rows: pa.Table) -> set[str]:
+    """Ids whose portrait file now holds other bytes than the ones its video was made from. One metadata call per
+    distinct portrait; the bytes are read only when the stamp moved (a touched file with the same bytes is fine)."""
+    rows = rows.filter(pc.is_valid(rows.column("portrait_sha256")))
+    recorded = rows.select(["id", "portrait", "portrait_stamp", "portrait_sha256"]).to_pylist()
+    versions = sorted({(r["portrait"], r["portrait_stamp"], r["portrait_sha256"]) for r in recorded})
+    options = ctx.layout.storage_options
+    with ThreadPoolExecutor(STAT_THREADS) as pool:
+        same = list(pool.map(lambda version: _same_bytes(version, options), versions))
+    moved = {(uri, sha) for (uri, _, sha), unchanged in zip(versions, same) if not unchanged}
+    return {r["id"] for r in recorded if (r["portrait"], r["portrait_sha256"]) in moved}
+
+
+def _same_bytes(version: tuple[str, str, str], options: dict[str, Any] | None) -> bool:
+    uri, stamp, sha = version
+    try:
+        if storage.file_stamp(uri, options) == stamp:
+            return True
+        return storage.file_sha256(uri, options) == sha
+    except FileNotFoundError:
+        log.warning("portrait %s of committed rows is gone: their videos are kept", uri)
+        return True
+
+
+def _records(layout: OutputLayout, ids: set[str]) -> dict[str, Record]:
+    if not ids:
+        return {}
+    rows = table.read_results(layout)
+    rows = rows.filter(pc.is_in(rows.column("id"), pa.array(sorted(ids), pa.string())))
+    return {r["id"]: Record.from_row(r) for r in rows.to_pylist()}
+
+
+# ---------------------------------------------------------------------- the summary users read
+def describe_changes(ctx: Context, regenerate: set[str], rescore: set[str]) -> list[str]:
+    """One line per changed setting: how many rows were made with which value, and what this run gives."""
+    lines = _input_changes(ctx, regenerate) if regenerate else []
+    if rescore:
+        lines.extend(_metrics_changes(ctx, rescore))
+    return lines
+
+
+def _input_changes(ctx: Context, ids: set[str]) -> list[str]:
+    old = _records(ctx.layout, ids)
+    pairs: Counter[tuple[str, str, str]] = Counter()
+    explained: set[str] = set()
+    for key, row, error in _rows(ctx):
+        if key not in old:
+            continue
+        for name, before, after in _differences(ctx, old[key], key, row, error):
+            pairs[(name, before, after)] += 1
+            explained.add(key)
+    lines = [_line(name, before, after, count) for (name, before, after), count in pairs.most_common(12)]
+    if len(pairs) > 12:
+        lines.append(f"... and {len(pairs) - 12} more kinds of change")
+    bytes_only = len(ids - explained)
+    if bytes_only:
+        lines.append(f"portrait: {bytes_only:,} committed rows were made from portrait files whose bytes have changed")
+    return lines
+
+
+def _differences(
+    ctx: Context, old: Record, key: str, row: dict[str, Any], error: RowError | None
+) -> Iterator[tuple[str, str, str]]:
+    try:
+        if error is not None:
+            raise error
+        request = resolve_row({**row, "id": key}, ctx.defaults)
+    except RowError as exc:
+        yield "row", "ok", f"now invalid ({exc.code.value}: {exc.message})"
+        return
+    if old.model_config != ctx.model_config:
+        yield from _json_differences("model", old.model_config, ctx.model_config)
+    for name, after in fingerprints.request_values(request, row["portrait"]).items():
+        before = old.value(name)
+        if _shown(before) != _shown(after):
+            yield name, _shown(before), _shown(after)
+
+
+def _metrics_changes(ctx: Context, ids: set[str]) -> list[str]:
+    old = table.read_results(ctx.layout, ["metrics_config"])
+    old = old.filter(pc.is_in(old.column("id"), pa.array(sorted(ids), pa.string())))
+    pairs: Counter[tuple[str, str, str]] = Counter()
+    for value, count in Counter(old.column("metrics_config").to_pylist()).items():
+        for name, before, after in _json_differences("metrics", value, ctx.metrics_config):
+            pairs[(name, before, after)] += count
+    return [_line(name, before, after, count) for (name, before, after), count in pairs.most_common(12)]
+
+
+def _json_differences(prefix: str, before: str | None, after: str) -> Iterator[tuple[str, str, str]]:
+    """Leaf-by-leaf differences of two canonical JSON settings (``metrics.identity.frames: 4 -> 8``)."""
+    old, new = _flat(json.loads(before) if before else {}, prefix), _flat(json.loads(after), prefix)
+    for name in sorted(set(old) | set(new)):
+        if old.get(name) != new.get(name):
+            yield name, _shown(old.get(name)), _shown(new.get(name))
+
+
+def _flat(value: Any, prefix: str) -> dict[str, Any]:
+    if isinstance(value, dict) and value:
+        out: dict[str, Any] = {}
+        for key, inner in value.items():
+            out.update(_flat(inner, f"{prefix}.{key}"))
+        return out
+    return {prefix: value}
+
+
+def _shown(value: Any) -> str:
+    text = "null" if value is None else json.dumps(value, ensure_ascii=False) if isinstance(value, str) else str(value)
+    return text if len(text) <= 60 else text[:57] + '..."'
+
+
+def _line(name: str, before: str, after: str, count: int) -> str:
+    return f"{name}: {count:,} committed rows were made with {before}; this run gives {after}"
+
+
+def _refusal(output: str, regenerate: set[str], rescore: set[str], changes: list[str]) -> str:
+    parts = [f"output {output!r} has committed ok rows made differently from what this spec and manifest ask:"]
+    parts.extend(f"  {line}" for line in changes)
+    if regenerate:
+        parts.append(f"{len(regenerate):,} row(s) would need new videos: rerun with --regenerate-changed to redo them")
+    if rescore:
+        parts.append(
+            f"{len(rescore):,} row(s) differ only in metric settings: rerun with --rescore-changed to score their "
+            "committed videos again (no generation)"
+        )
+    parts.append("or write to a new output. Nothing was run.")
+    return "\n".join(parts)
