@@ -1,4 +1,4 @@
-"""Compaction benchmark (issue 9): ``farm.table.publish`` on an output whose log holds 1,000,000 records.
+"""Compaction benchmark (issue 9): ``farm.publish.publish`` on an output whose log holds 1,000,000 records.
 
 The log is built directly with pyarrow (vectorized; building a million ``Record`` objects would only time the
 builder) in the exact layout and schema ``farm.results.ResultWriter`` writes: every core and identity column of
@@ -153,11 +153,11 @@ def measure(what: str, root: Path) -> dict[str, Any]:
     """``what`` (publish | open_results) in a fresh process: its wall time, peak RSS and RSS after the imports."""
     code = (
         "import json, resource, sys, time\n"
-        "import farm.table as t\n"
+        "import farm.publish as p, farm.table as t\n"
         "from farm.storage import OutputLayout\n"
         "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
         "start = time.perf_counter()\n"
-        f"out = t.publish(OutputLayout({str(root)!r})) if {what!r} == 'publish' else "
+        f"out = p.publish(OutputLayout({str(root)!r})) if {what!r} == 'publish' else "
         f"{{'rows': t.open_results({str(root)!r}).num_rows}}\n"
         "wall = time.perf_counter() - start\n"
         "peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"

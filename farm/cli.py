@@ -113,7 +113,7 @@ def cmd_results(args: argparse.Namespace) -> int:
 
 
 def cmd_compact(args: argparse.Namespace) -> int:
-    from farm.table import compact_output
+    from farm.publish import compact_output
 
     summary = compact_output(args.output, _storage_options(args.storage_option))
     print(json.dumps(summary, indent=2, default=str))

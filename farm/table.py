@@ -1,19 +1,19 @@
-"""Reading an output's records: the append log merged into one record per id (the newest wins).
+"""Reading an output's records: the append log merged into one record per id (the newest wins), in one schema.
 
-The writers (``farm.results``) append Parquet parts to ``<out>/_log/``; this module reads them back. Parts written
-before the log moved (``<out>/results/part-*.parquet``) are read as log parts too.
+The writers (``farm.results``) append Parquet parts to ``<out>/_log/``; this module reads them back (``open_results``,
+``read_results``) and says what types the log holds (``log_schema``, ``check_carried_types``); ``farm.publish`` writes
+the published table from the same passes. Parts written before the log moved (``<out>/results/part-*.parquet``) are
+read as log parts too.
+
+Two passes keep memory bounded: ``find_winners`` reads only the ``id`` column of every part and finds each id's newest
+record (its last in log order: parts in name order, rows in file order, never the latest clock); ``winning_rows``
+then reads the parts one row group at a time and keeps those records.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
-import os
-import posixpath
-import tempfile
-import time
-import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +24,6 @@ import pyarrow.parquet as pq
 
 from farm import storage
 from farm.faults import with_retries
-from farm.lease import OutputLease
 from farm.results import carried_name, result_schema
 from farm.storage import OutputLayout
 
@@ -103,69 +102,6 @@ def _scalar_text(value: pa.Scalar) -> str | None:
         return f"<{value.type} value Python cannot show>"
 
 
-def _concat(tables: list[pa.Table]) -> pa.Table:
-    """Concatenate parts; a carried-through column whose type changed between runs (the manifest was edited) is
-    merged as text instead of failing every later read."""
-    try:
-        return pa.concat_tables(tables, promote_options="permissive")
-    except (pa.ArrowInvalid, pa.ArrowTypeError):
-        pass
-    types: dict[str, list[pa.DataType]] = {}
-    for table in tables:
-        for fld in table.schema:
-            types.setdefault(fld.name, []).append(fld.type)
-    clash = []
-    for name, seen in types.items():
-        try:
-            pa.unify_schemas([pa.schema([pa.field(name, t)]) for t in seen], promote_options="permissive")
-        except (pa.ArrowInvalid, pa.ArrowTypeError):
-            clash.append(name)
-    log.warning("result parts disagree on the type of column(s) %s: merged as text", clash)
-    fixed = []
-    for table in tables:
-        for name in clash:
-            if name in table.column_names:
-                table = table.set_column(table.column_names.index(name), name, _as_text(table.column(name)))
-        fixed.append(table)
-    return pa.concat_tables(fixed, promote_options="permissive")
-
-
-def read_results(
-    layout: OutputLayout, columns: list[str] | None = None, damaged: list[DamagedPart] | None = None
-) -> pa.Table:
-    """All committed records, one per id (the newest in log order wins, never a clock), sorted by id; damaged
-    parts are skipped (and listed in ``damaged`` when given)."""
-    wanted = None if columns is None else list(dict.fromkeys(["id", *columns]))
-    tables = [t for t in (_read_part(uri, layout, wanted, damaged) for uri in layout.log_parts()) if t is not None]
-    if not tables:
-        return _select(result_schema().empty_table(), columns)
-    table = _concat(tables)
-    order = "_order"
-    while order in table.column_names:  # a carried-through column may have any name
-        order = f"_{order}"
-    table = table.append_column(order, pa.array(range(table.num_rows), pa.int64()))
-    # parts come in log order (run sequence, then part number): the last record of an id is its newest
-    table = table.sort_by([("id", "ascending"), (order, "ascending")])
-    ids = table.column("id")
-    if table.num_rows > 1:
-        nxt = pc.not_equal(ids.slice(1), ids.slice(0, table.num_rows - 1))
-        keep = pa.concat_arrays([c for c in nxt.chunks] + [pa.array([True])])
-        table = table.filter(keep)
-    return _select(table.drop_columns([order]), columns)
-
-
-def _select(table: pa.Table, columns: list[str] | None) -> pa.Table:
-    """``id`` plus ``columns``; a column no part has comes back all-null (with its result type if it is a core one)."""
-    if columns is None:
-        return table
-    core = result_schema()
-    for name in columns:
-        if name not in table.column_names:
-            kind = core.field(name).type if name in core.names else pa.null()
-            table = table.append_column(pa.field(name, kind), pa.nulls(table.num_rows, kind))
-    return table.select(columns if "id" in columns else ["id", *columns])
-
-
 def run_seq_of(part_uri: str) -> int:
     """The run sequence number a log part's name carries (0 for parts written before the log had one)."""
     name = part_uri.rsplit("/", 1)[-1]
@@ -185,7 +121,7 @@ class SchemaDrift(ValueError):
 
 
 @dataclass(frozen=True)
-class _Part:
+class Part:
     """One readable log part as its footer describes it (no data read)."""
 
     uri: str
@@ -204,14 +140,12 @@ def _not_a_result_part(schema: pa.Schema) -> str | None:
     return None
 
 
-def _survey(layout: OutputLayout, damaged: list[DamagedPart] | None = None) -> list[_Part]:
+def survey(layout: OutputLayout, damaged: list[DamagedPart] | None = None) -> list[Part]:
     """Every readable log part, oldest first, from its footer only (a range read on object stores)."""
     found = []
     for uri in layout.log_parts():
-        fs, path = storage.get_fs(uri, layout.storage_options)
         try:
-            with fs.open(path, "rb") as fh:
-                meta = pq.ParquetFile(fh).metadata
+            meta = _footer(uri, layout)
             schema = meta.schema.to_arrow_schema()
         except IsADirectoryError as exc:
             _damaged(uri, f"not a part file ({exc})", damaged)
@@ -223,8 +157,19 @@ def _survey(layout: OutputLayout, damaged: list[DamagedPart] | None = None) -> l
         if reason:
             _damaged(uri, reason, damaged)
             continue
-        found.append(_Part(uri, schema, meta.num_rows))
+        found.append(Part(uri, schema, meta.num_rows))
     return found
+
+
+def _footer(uri: str, layout: OutputLayout) -> pq.FileMetaData:
+    """A part's footer (a range read on object stores; storage faults retried, then ``InfraError``)."""
+    fs, path = storage.get_fs(uri, layout.storage_options)
+
+    def read() -> pq.FileMetaData:
+        with fs.open(path, "rb") as fh:
+            return pq.ParquetFile(fh).metadata
+
+    return read() if storage.is_local(uri) else with_retries(read, f"reading the footer of {uri!r}")
 
 
 def _is_int(t: pa.DataType) -> bool:
@@ -254,7 +199,7 @@ def _promote(a: pa.DataType, b: pa.DataType) -> pa.DataType | None:
     return merged.field("x").type
 
 
-def _column_types(parts: list[_Part]) -> dict[str, list[pa.DataType]]:
+def column_types(parts: list[Part]) -> dict[str, list[pa.DataType]]:
     """Per column (in first-seen order), the type each part that has it wrote it with."""
     types: dict[str, list[pa.DataType]] = {}
     for part in parts:
@@ -263,7 +208,7 @@ def _column_types(parts: list[_Part]) -> dict[str, list[pa.DataType]]:
     return types
 
 
-def _merged_type(name: str, seen: list[pa.DataType]) -> pa.DataType | None:
+def merged_type(name: str, seen: list[pa.DataType]) -> pa.DataType | None:
     """One type for every value of a column the log wrote with the types ``seen``; None if they clash."""
     merged: pa.DataType | None = pa.null()
     for kind in seen:
@@ -271,17 +216,17 @@ def _merged_type(name: str, seen: list[pa.DataType]) -> pa.DataType | None:
     return merged
 
 
-def _unified_schema(parts: list[_Part]) -> pa.Schema:
+def unified_schema(parts: list[Part]) -> pa.Schema:
     """Core and identity columns with their result types, then carried columns in the order they appeared, with the
     type every part's values fit in. A carried column the log holds with clashing types (written before
     ``check_carried_types`` guarded runs) becomes text, with a warning; an all-null column becomes text too, so no
     reader has to guess a type for it."""
     fields = list(result_schema())
-    types = _column_types(parts)
+    types = column_types(parts)
     for name, seen in types.items():
         if name in result_schema().names:
             continue
-        kind = _merged_type(name, seen)
+        kind = merged_type(name, seen)
         if kind is None:
             olds = sorted({str(t) for t in seen})
             log.warning("the log holds column %r with clashing types %s: published as text", name, olds)
@@ -293,7 +238,7 @@ def _unified_schema(parts: list[_Part]) -> pa.Schema:
 def log_schema(layout: OutputLayout) -> pa.Schema:
     """The schema of the output's records as one table (what ``open_results`` and the published table have),
     from the parts' footers only; damaged parts are skipped."""
-    return _unified_schema(_survey(layout))
+    return unified_schema(survey(layout))
 
 
 def check_carried_types(layout: OutputLayout, carried: pa.Schema) -> None:
@@ -302,7 +247,7 @@ def check_carried_types(layout: OutputLayout, carried: pa.Schema) -> None:
 
     The driver calls this at run start, before any record is written, so the log never gains a clash.
     """
-    parts = _survey(layout)
+    parts = survey(layout)
     problems = []
     for fld in carried:
         name = carried_name(fld.name)
@@ -320,7 +265,7 @@ def check_carried_types(layout: OutputLayout, carried: pa.Schema) -> None:
         )
 
 
-def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
     """``table`` with exactly ``schema``'s columns: missing ones all-null, others cast (text where text is wanted and
     no cast exists, e.g. a struct written by an old run)."""
     columns = []
@@ -350,7 +295,7 @@ def _cast(column: pa.ChunkedArray, fld: pa.Field) -> pa.ChunkedArray:
 
 # ---------------------------------------------------------------------- which record of each id wins
 @dataclass(frozen=True)
-class _Winners:
+class Winners:
     """Per part (aligned with the survey), the rows whose record is its id's newest, and each one's place in the
     id-sorted table."""
 
@@ -363,13 +308,16 @@ class _Winners:
         return sum(len(r) for r in self.rows)
 
 
-def _winners(layout: OutputLayout, parts: list[_Part]) -> _Winners:
+def find_winners(layout: OutputLayout, parts: list[Part]) -> Winners:
     """Pass 1: reads only ``id`` of every part. The newest record of an id is its last in log order (parts in name
     order, rows in file order), never the one with the latest clock. Memory: the ids of every record."""
     ids, offsets = [], [0]
     for part in parts:
         table = _read_part(part.uri, layout, ["id"], None)
-        column = table.column("id") if table is not None else pa.chunked_array([], pa.string())
+        if table is None:  # its footer read, its data did not: skipped like any damaged part
+            offsets.append(offsets[-1])
+            continue
+        column = table.column("id")
         if len(column) != part.num_rows:
             raise RuntimeError(f"{part.uri} changed while being read ({part.num_rows} rows, now {len(column)})")
         ids.extend(pc.cast(c, pa.large_string()) for c in column.chunks)
@@ -385,11 +333,11 @@ def _winners(layout: OutputLayout, parts: list[_Part]) -> _Winners:
     bounds = np.searchsorted(where, offsets)
     rows = [where[bounds[i] : bounds[i + 1]] - offsets[i] for i in range(len(parts))]
     ranks = [rank[bounds[i] : bounds[i + 1]] for i in range(len(parts))]
-    return _Winners(rows, ranks, total)
+    return Winners(rows, ranks, total)
 
 
-def _winning_rows(
-    layout: OutputLayout, parts: list[_Part], winners: _Winners, schema: pa.Schema
+def winning_rows(
+    layout: OutputLayout, parts: list[Part], winners: Winners, schema: pa.Schema
 ) -> Iterator[tuple[pa.Table, np.ndarray]]:
     """Pass 2: per row group of each part, its winning records in ``schema`` and their ranks (id order).
     Memory: one part's bytes and one row group."""
@@ -398,19 +346,20 @@ def _winning_rows(
             continue
         data = storage.read_bytes(part.uri, layout.storage_options)
         reader = pq.ParquetFile(pa.BufferReader(data))
+        wanted = [name for name in schema.names if name in part.schema.names]
         start = 0
         for group in range(reader.num_row_groups):
             end = start + reader.metadata.row_group(group).num_rows
             lo, hi = np.searchsorted(rows, [start, end])
             if hi > lo:
-                table = reader.read_row_group(group).take(pa.array(rows[lo:hi] - start))
-                yield _conform(table, schema), ranks[lo:hi]
+                table = reader.read_row_group(group, columns=wanted).take(pa.array(rows[lo:hi] - start))
+                yield conform(table, schema), ranks[lo:hi]
             start = end
 
 
-def _merge_in_memory(layout: OutputLayout, parts: list[_Part], winners: _Winners, schema: pa.Schema) -> pa.Table:
+def merge_in_memory(layout: OutputLayout, parts: list[Part], winners: Winners, schema: pa.Schema) -> pa.Table:
     tables, ranks = [], []
-    for table, rank in _winning_rows(layout, parts, winners, schema):
+    for table, rank in winning_rows(layout, parts, winners, schema):
         tables.append(table)
         ranks.append(rank)
     if not tables:
@@ -431,221 +380,29 @@ def open_results(uri: str, storage_options: dict[str, Any] | None = None) -> pa.
             f"{uri}: no Lynx Farm output here (no _log/ parts, no results/part-*.parquet, no _job.json); "
             "give the folder a job's `output:` names"
         )
-    parts = _survey(layout)
-    return _merge_in_memory(layout, parts, _winners(layout, parts), _unified_schema(parts))
+    parts = survey(layout)
+    return merge_in_memory(layout, parts, find_winners(layout, parts), unified_schema(parts))
 
 
-# ---------------------------------------------------------------------- publishing
-ROW_GROUP_ROWS = 65_536  # of the published table and of consolidated parts
-SORT_BUCKET_ROWS = ROW_GROUP_ROWS  # ids sorted per bucket of this many (more when there would be > MAX_BUCKETS)
-MAX_BUCKETS = 256  # spill files open at once
-MAX_LOG_PARTS = 64  # more parts than this since the last consolidation: consolidate them
-TARGET_PART_ROWS = 4 * ROW_GROUP_ROWS  # records per consolidated part
-LEGACY_PREFIX = "part-00000000-legacy-"
-COMPACTED = "--compacted"  # "part-<run_seq>--compacted...": "-" sorts before any run id of the same run_seq
+def read_results(
+    layout: OutputLayout, columns: list[str] | None = None, damaged: list[DamagedPart] | None = None
+) -> pa.Table:
+    """All committed records, one per id (the newest in log order wins, never a clock), sorted by id, in the
+    unified schema (``log_schema``); with ``columns``, ``id`` plus those (a column no part has comes back all-null,
+    with its result type if it is a result column). Damaged parts are skipped (and listed in ``damaged``)."""
+    parts = survey(layout, damaged)
+    schema = unified_schema(parts)
+    if columns is not None:
+        schema = _selected(schema, columns)
+    return merge_in_memory(layout, parts, find_winners(layout, parts), schema)
 
 
-def _write_parquet(uri: str, schema: pa.Schema, tables: Iterable[pa.Table], options: dict[str, Any] | None) -> int:
-    """Write ``tables`` as one Parquet file that appears whole or not at all; returns its size in bytes.
-
-    Local: a hidden sibling (``.<name>.tmp-<uuid>``: no ``*.parquet`` glob or ``pyarrow.dataset`` lists it), fsync,
-    ``os.replace``. Object stores: the file is built in a local temp file, then uploaded by one PUT / multipart
-    upload, which the store shows only once complete.
-    """
-    fs, path = storage.get_fs(uri, options)
-    folder, name = posixpath.split(path)
-    local = storage.is_local(uri)
-    if local:
-        os.makedirs(folder, exist_ok=True)
-        tmp = os.path.join(folder, f".{name}.tmp-{uuid.uuid4().hex}")
-    else:
-        handle, tmp = tempfile.mkstemp(prefix=".farm-publish-", suffix=".parquet")
-        os.close(handle)
-    try:
-        with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
-            for table in tables:
-                writer.write_table(table, row_group_size=ROW_GROUP_ROWS)
-        size = os.path.getsize(tmp)
-        if local:
-            with open(tmp, "rb+") as fh:
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        else:
-            with_retries(lambda: fs.put_file(tmp, path), f"uploading {uri!r}")
-        return size
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _adopt_legacy_parts(layout: OutputLayout) -> int:
-    """Move ``results/part-*.parquet`` (written before the log moved) into ``_log/`` under names that sort before
-    every run's parts, so ``results/`` holds only the published table. Copy, then delete: a crash in between leaves
-    the same records twice, which newest-wins reads the same."""
-    legacy = layout.legacy_parts()
-    for uri in legacy:
-        _copy(uri, storage.join(layout.log_dir, LEGACY_PREFIX + posixpath.basename(uri)), layout.storage_options)
-        _delete(uri, layout.storage_options)
-    return len(legacy)
-
-
-def _copy(uri: str, target: str, options: dict[str, Any] | None) -> None:
-    fs, src = storage.get_fs(uri, options)
-    dst = storage.get_fs(target, options)[1]
-    if storage.is_local(uri):
-        os.makedirs(posixpath.dirname(dst), exist_ok=True)
-    with_retries(lambda: fs.copy(src, dst), f"copying {uri!r} to {target!r}", local=storage.is_local(uri))
-
-
-def _delete(uri: str, options: dict[str, Any] | None) -> None:
-    fs, path = storage.get_fs(uri, options)
-    with_retries(lambda: fs.rm(path), f"deleting {uri!r}", local=storage.is_local(uri))
-
-
-def _remove_stale_temps(layout: OutputLayout) -> None:
-    """Temp files a crashed local publish left in ``results/`` (we hold the lease: no publish is running)."""
-    if storage.is_local(layout.results_dir) and os.path.isdir(layout.results_dir):
-        for name in os.listdir(layout.results_dir):
-            if name.startswith(".") and ".tmp-" in name:
-                os.remove(os.path.join(layout.results_dir, name))
-
-
-def _is_compacted(uri: str) -> bool:
-    return COMPACTED in posixpath.basename(uri)
-
-
-def _segments(block: list[_Part]) -> list[tuple[list[_Part], pa.Schema]]:
-    """Consecutive parts grouped into new parts of about ``TARGET_PART_ROWS`` records, a new group also where a
-    column's type cannot be merged (the log keeps every record in the type it was written with)."""
-    out: list[tuple[list[_Part], pa.Schema]] = []
-    group: list[_Part] = []
-    for part in block:
-        full = sum(p.num_rows for p in group) >= TARGET_PART_ROWS
-        if group and (full or _merged_schema([*group, part]) is None):
-            out.append((group, _merged_schema(group)))
-            group = []
-        group.append(part)
-    if group:
-        out.append((group, _merged_schema(group)))
-    return out
-
-
-def _merged_schema(parts: list[_Part]) -> pa.Schema | None:
+def _selected(schema: pa.Schema, columns: list[str]) -> pa.Schema:
+    core = result_schema()
     fields = []
-    for name, seen in _column_types(parts).items():
-        kind = _merged_type(name, seen)
-        if kind is None:
-            return None
-        fields.append(pa.field(name, kind))
+    for name in dict.fromkeys(columns if "id" in columns else ["id", *columns]):
+        if name in schema.names:
+            fields.append(schema.field(name))
+        else:
+            fields.append(pa.field(name, core.field(name).type if name in core.names else pa.null()))
     return pa.schema(fields)
-
-
-def _consolidate(layout: OutputLayout, parts: list[_Part]) -> tuple[int, int]:
-    """Rewrite the parts written since the last consolidation, when there are more than ``MAX_LOG_PARTS``, into
-    fewer larger ones; every record is kept (the log is the audit trail), in log order.
-
-    The new parts are named ``part-<last run_seq>--compacted<stamp>-<n>``: after every part of an earlier run, before
-    any part a later run writes (and before a part the last run might still add). New parts are written first and
-    the old ones deleted after, so a crash in between leaves the same records twice (newest-wins reads them the
-    same), never loses one. Returns (parts removed, parts written).
-    """
-    done = max((run_seq_of(p.uri) for p in parts if _is_compacted(p.uri)), default=-1)
-    block = [p for p in parts if run_seq_of(p.uri) > done]
-    if len(block) <= MAX_LOG_PARTS:
-        return 0, 0
-    last = run_seq_of(block[-1].uri)
-    stamp = f"{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S}{uuid.uuid4().hex[:6]}"
-    written = 0
-    for group, schema in _segments(block):
-        uri = storage.join(layout.log_dir, f"part-{last:08d}{COMPACTED}{stamp}-{written:06d}.parquet")
-        tables = (_conform(_read_whole(p.uri, layout), schema) for p in group)
-        _write_parquet(uri, schema, tables, layout.storage_options)
-        written += 1
-    for part in block:
-        _delete(part.uri, layout.storage_options)
-    return len(block), written
-
-
-def _read_whole(uri: str, layout: OutputLayout) -> pa.Table:
-    return pq.read_table(pa.BufferReader(storage.read_bytes(uri, layout.storage_options)))
-
-
-def _sorted_by_rank(
-    chunks: Iterable[tuple[pa.Table, np.ndarray]], schema: pa.Schema, ids: int, spill: str
-) -> Iterator[pa.Table]:
-    """The winning records in id order, without holding them all: each chunk's rows go to the spill file of their
-    bucket of ranks (Arrow IPC under ``spill``), then each bucket is read back, put in order and yielded.
-    Memory: one bucket (``SORT_BUCKET_ROWS`` records, more above ``MAX_BUCKETS`` buckets)."""
-    size = max(SORT_BUCKET_ROWS, -(-ids // MAX_BUCKETS))
-    ranked = schema.append(pa.field("__rank", pa.int64()))
-    writers: dict[int, pa.ipc.RecordBatchFileWriter] = {}
-    try:
-        for table, ranks in chunks:
-            bucket = ranks // size
-            for b in np.unique(bucket):
-                pick = np.flatnonzero(bucket == b)
-                if b not in writers:
-                    writers[b] = pa.ipc.new_file(os.path.join(spill, f"{b}.arrow"), ranked)
-                rows = table.take(pa.array(pick)).append_column("__rank", pa.array(ranks[pick]))
-                writers[b].write_table(rows)
-    finally:
-        for writer in writers.values():
-            writer.close()
-    for b in sorted(writers):
-        with pa.memory_map(os.path.join(spill, f"{b}.arrow")) as source:
-            table = pa.ipc.open_file(source).read_all()
-        place = np.empty(table.num_rows, dtype=np.int64)
-        place[table.column("__rank").to_numpy() - b * size] = np.arange(table.num_rows)
-        yield table.drop_columns(["__rank"]).take(pa.array(place))
-        os.remove(os.path.join(spill, f"{b}.arrow"))
-
-
-def publish(layout: OutputLayout) -> dict[str, Any]:
-    """Compact the output: ``results/results.parquet`` becomes one row per id (its newest record), sorted by id, in
-    one schema (``log_schema``), zstd, row groups of ``ROW_GROUP_ROWS``; replaced atomically, so a reader sees the
-    old table or the new one, and ``results/`` holds nothing else. Legacy parts move into ``_log/``; a log of many
-    small parts is consolidated (``_consolidate``). Takes no lease: the caller holds it (a run at its end, or
-    ``compact_output``), after the run's last commit.
-
-    Memory: pass 1 holds the ids of every record in the log (about 40 bytes per record plus the id's length);
-    pass 2 holds one part's bytes, one row group, and one sort bucket of winning records (``SORT_BUCKET_ROWS``);
-    the sort spills to local temp files of about the published table's uncompressed size. Measured
-    (``benchmarks/results/compact_cpu.md``): 1,000,000 records / 900,000 ids, about 500 MiB peak RSS.
-    """
-    start = time.monotonic()
-    _remove_stale_temps(layout)
-    before = len(layout.log_parts())
-    moved = _adopt_legacy_parts(layout)
-    damaged: list[DamagedPart] = []
-    removed, written = _consolidate(layout, _survey(layout))
-    parts = _survey(layout, damaged)
-    schema = _unified_schema(parts)
-    winners = _winners(layout, parts)
-    with tempfile.TemporaryDirectory(prefix="farm-publish-") as spill:
-        rows = _sorted_by_rank(_winning_rows(layout, parts, winners, schema), schema, winners.ids, spill)
-        size = _write_parquet(layout.published, schema, rows, layout.storage_options)
-    return {
-        "published": layout.published,
-        "records_in_log": winners.records,
-        "ids_published": winners.ids,
-        "parts_before": before,
-        "parts_after": len(parts) + len(damaged),
-        "legacy_parts_moved": moved,
-        "parts_consolidated": removed,
-        "parts_written": written,
-        "damaged_parts": [d.uri for d in damaged],
-        "bytes": size,
-        "seconds": round(time.monotonic() - start, 3),
-    }
-
-
-def compact_output(uri: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
-    """``farm compact OUT``: take the output lease (``LeaseHeld`` while a run holds it), ``publish``, release."""
-    layout = OutputLayout(uri, storage_options)
-    run_id = f"compact-{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
-    lease = OutputLease(layout, storage_options, run_id=run_id)
-    lease.acquire()
-    try:
-        return publish(layout)
-    finally:
-        lease.release()

@@ -410,6 +410,8 @@ def test_nested_and_reserved_name_columns_carried_through(tmp_path: Path) -> Non
         assert out == (f"input_{name}" if name in results.RESERVED else name)
         stored = m.schema.field(name).type  # as Parquet keeps it (it has no seconds unit: timestamp[s] -> [ms])
         assert stored == column.type or name == "far", name
+        if pa.types.is_null(stored):  # an all-null column is read back as text: no reader has to guess a type
+            stored = pa.string()
         assert got.schema.field(out).type == stored, name
         have, want = got.column(out).combine_chunks(), column.cast(stored).take(order)
         # NaN != NaN in equals(); the printed form shows NaN, null and the values exactly

@@ -10,7 +10,8 @@ from typing import Any
 import pyarrow as pa
 import pytest
 
-from farm.table import open_results, publish
+from farm.publish import publish
+from farm.table import open_results
 from tests.test_table import EXPECTED, as_dicts, build_output
 
 COLUMNS = ["id", "status", "campaign", "priority", "lang", "run_seq", "committed_at", "video"]

@@ -14,13 +14,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+import farm.publish
 from farm import storage, table
 from farm.cli import main
 from farm.lease import LeaseHeld, OutputLease
+from farm.publish import compact_output, publish
 from farm.records import Record
 from farm.results import ResultWriter, result_schema, write_part
 from farm.storage import OutputLayout
-from farm.table import SchemaDrift, check_carried_types, compact_output, log_schema, open_results, publish
+from farm.table import SchemaDrift, check_carried_types, log_schema, open_results
 
 T0 = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
 CARRIED_1 = pa.schema([("campaign", pa.string()), ("priority", pa.int32())])
@@ -225,8 +227,8 @@ def test_a_clash_already_in_the_log_is_published_as_text(tmp_path: Path, caplog:
 
 
 def test_consolidation_keeps_every_record_and_the_winner(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(table, "MAX_LOG_PARTS", 4)
-    monkeypatch.setattr(table, "TARGET_PART_ROWS", 5)
+    monkeypatch.setattr(farm.publish, "MAX_LOG_PARTS", 4)
+    monkeypatch.setattr(farm.publish, "TARGET_PART_ROWS", 5)
     layout = build_output(str(tmp_path / "out"))
     expected = open_results(layout.root)
     records = _log_records(layout)
@@ -243,8 +245,8 @@ def test_consolidation_keeps_every_record_and_the_winner(tmp_path: Path, monkeyp
 
 
 def test_a_crash_between_writing_and_deleting_loses_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(table, "MAX_LOG_PARTS", 4)
-    monkeypatch.setattr(table, "TARGET_PART_ROWS", 5)
+    monkeypatch.setattr(farm.publish, "MAX_LOG_PARTS", 4)
+    monkeypatch.setattr(farm.publish, "TARGET_PART_ROWS", 5)
     layout = build_output(str(tmp_path / "out"))
     expected = as_dicts(open_results(layout.root))
     deleted: list[str] = []
@@ -255,7 +257,7 @@ def test_a_crash_between_writing_and_deleting_loses_nothing(tmp_path: Path, monk
         deleted.append(uri)
         os.remove(uri)
 
-    monkeypatch.setattr(table, "_delete", crash)
+    monkeypatch.setattr(farm.publish, "_delete", crash)
     with pytest.raises(KeyboardInterrupt):
         publish(layout)
     assert as_dicts(open_results(layout.root)) == expected  # duplicates, resolved the same

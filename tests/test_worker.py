@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import pytest
 
 from farm import storage
 from farm.manifest import RowDefaults, resolve_row
+from farm.storage import resolve_pkg_uri
 from farm.worker import RowProcessor, backend_defaults
 from tests.helpers import ASTRONAUT, rows, still_job, write_manifest
 
@@ -41,9 +43,11 @@ def test_transient_fetch_error_is_retried_not_cached(processor: RowProcessor, mo
     monkeypatch.setattr(storage, "read_bytes", flaky)
     row = rows(1)[0]
     first = processor.process(_task(processor, row))
-    assert first["retry"] is True and first["error_code"] == "infra_error" and "peer reset" in first["error_message"]
-    second = processor.process(_task(processor, row))
-    assert second["status"] == "ok" and Path(second["video"]).is_file()
+    assert first.retry is True and first.record.error_code == "infra_error"
+    assert "peer reset" in first.record.error_message and "ConnectionResetError" in first.traceback
+    second = processor.process(_task(processor, row)).record
+    assert second.status == "ok" and Path(second.video).is_file()
+    assert second.portrait_sha256 == hashlib.sha256(Path(resolve_pkg_uri(row["portrait"])).read_bytes()).hexdigest()
 
 
 def test_bad_image_is_a_row_error_and_portrait_work_is_cached(
@@ -52,7 +56,7 @@ def test_bad_image_is_a_row_error_and_portrait_work_is_cached(
     junk = tmp_path / "junk.png"
     junk.write_bytes(b"\x89PNG not really")
     bad = processor.process(_task(processor, {**rows(1)[0], "portrait": str(junk)}))
-    assert bad["error_code"] == "portrait_unreadable" and "retry" not in bad
+    assert bad.record.error_code == "portrait_unreadable" and not bad.retry
     prepared = {"n": 0}
     original = processor.backend.prepare_subject
 
@@ -62,7 +66,7 @@ def test_bad_image_is_a_row_error_and_portrait_work_is_cached(
 
     monkeypatch.setattr(processor.backend, "prepare_subject", counting)
     for row in rows(3, portrait=ASTRONAUT):
-        assert processor.process(_task(processor, row))["status"] == "ok"
+        assert processor.process(_task(processor, row)).record.status == "ok"
     assert prepared["n"] == 1
 
 
@@ -85,10 +89,10 @@ def test_portrait_cache_is_bounded_in_bytes_and_keeps_no_decoded_image() -> None
     mib = 2**20
     cache = LRU(size=64, max_bytes=3 * (mib + 4096))  # room for three portraits
     for key in "abcde":
-        cache.get(key, lambda: Portrait(subject={"face": np.zeros(mib, np.uint8)}, embedding=np.zeros(512, np.float32)))
+        cache.get(key, lambda: Portrait({"face": np.zeros(mib, np.uint8)}, np.zeros(512, np.float32), "0" * 64, "s"))
     assert cache.nbytes <= 3 * (mib + 4096)
     assert list(cache._items) == ["c", "d", "e"]  # oldest first out
     big = cache.get("huge", lambda: np.zeros(8 * mib, np.uint8))
     assert big.nbytes == 8 * mib and list(cache._items) == ["huge"]  # the newest value is always kept
-    assert nbytes_of(Portrait(subject=(np.zeros(10, np.float64),), embedding=None)) == 80
+    assert nbytes_of(Portrait((np.zeros(10, np.float64),), None, "0" * 64, "s")) == 80
     assert "image" not in Portrait.__dataclass_fields__

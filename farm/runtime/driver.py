@@ -29,6 +29,7 @@ from farm.fingerprints import metrics_config
 from farm.lease import LeaseLost, OutputLease
 from farm.manifest import Manifest, ManifestError, RowDefaults, RowState, plan_rows, resolve_row
 from farm.models import build_backend
+from farm.publish import publish
 from farm.recording import RecordMaker, scrubbed
 from farm.records import ErrorCode, InfraError, Outcome, Record, RowError, Status
 from farm.resume import ResumePlan
@@ -459,7 +460,7 @@ class Driver:
         """Compact the log into the published table (``<out>/results/``) while this run still holds the lease; a
         failure leaves the log (the truth) intact and is retried by the next run or ``farm compact``."""
         try:
-            published = table.publish(self.layout)
+            published = publish(self.layout)
             log.info("published %s ids to %s", published.get("ids_published"), self.layout.results_dir)
         except Exception as exc:  # noqa: BLE001 - the records are committed; only the published copy is stale
             log.warning(
@@ -518,17 +519,10 @@ def _raise_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def run_job(
-    job: JobSpec,
-    progress: bool = True,
-    retry_failed: bool = False,
-    address: str | None = None,
-    regenerate_changed: bool = False,
-    rescore_changed: bool = False,
-) -> RunSummary:
-    """Run ``job`` to the end (a rerun resumes; README "Resume" says what the flags redo)."""
-    driver = Driver(job, progress, retry_failed, address, regenerate_changed, rescore_changed)
-    return driver.run()
+def run_job(job: JobSpec, **options: Any) -> RunSummary:
+    """Run ``job`` to the end; ``options`` are ``Driver``'s (``progress``, ``retry_failed``, ``address``,
+    ``regenerate_changed``, ``rescore_changed``; README "Resume" says what the flags redo)."""
+    return Driver(job, **options).run()
 
 
 __all__ = ["Driver", "JobAborted", "RunSummary", "run_job"]
