@@ -25,11 +25,13 @@ from farm.faults import with_retries
 from farm.lease import OutputLease
 from farm.storage import OutputLayout
 from farm.table import (
+    LOG_KEY,
     DamagedPart,
     Part,
     column_types,
     conform,
     find_winners,
+    log_signature,
     merged_type,
     run_seq_of,
     survey,
@@ -224,7 +226,8 @@ def publish(layout: OutputLayout) -> dict[str, Any]:
     winners = find_winners(layout, parts)
     with tempfile.TemporaryDirectory(prefix="farm-publish-") as spill:
         rows = _sorted_by_rank(winning_rows(layout, parts, winners, schema), schema, winners.ids, spill)
-        size = _write_parquet(layout.published, schema, rows, layout.storage_options)
+        stamped = schema.with_metadata({LOG_KEY: log_signature(parts)})  # open_results reads it when current
+        size = _write_parquet(layout.published, stamped, rows, layout.storage_options)
     return {
         "published": layout.published,
         "records_in_log": winners.records,

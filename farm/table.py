@@ -12,7 +12,9 @@ then reads the parts one row group at a time and keeps those records.
 
 from __future__ import annotations
 
+import json
 import logging
+import posixpath
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -39,6 +41,7 @@ class DamagedPart:
 
 
 REQUIRED_COLUMNS = ("id", "status")
+LOG_KEY = b"farm.log"  # the published table's metadata: the log it was made from (``log_signature``)
 
 
 def _read_part(
@@ -370,10 +373,30 @@ def merge_in_memory(layout: OutputLayout, parts: list[Part], winners: Winners, s
     return table.take(pa.array(place)).combine_chunks()
 
 
+def log_signature(parts: list[Part]) -> str:
+    """Which log a published table was made from (its parts' names and row counts), kept in its metadata."""
+    return json.dumps([[posixpath.basename(p.uri), p.num_rows] for p in parts])
+
+
+def _published_if_current(layout: OutputLayout, parts: list[Part]) -> pa.Table | None:
+    """The published table, when it was made from exactly the log there is now (else None: merge the log)."""
+    try:
+        meta = _footer(layout.published, layout)
+    except FileNotFoundError:
+        return None
+    except (pa.ArrowException, ValueError, IsADirectoryError):
+        return None  # half-copied or foreign: the log is the truth
+    if (meta.metadata or {}).get(LOG_KEY) != log_signature(parts).encode():
+        return None
+    table = pq.read_table(pa.BufferReader(storage.read_bytes(layout.published, layout.storage_options)))
+    return table.replace_schema_metadata(None)
+
+
 def open_results(uri: str, storage_options: dict[str, Any] | None = None) -> pa.Table:
     """An output's results: one row per id (its newest record in log order), sorted by id, in the published
-    schema (``log_schema``). Read from the log, so it is right even when the published table is stale (a run
-    crashed before compacting). ``FileNotFoundError`` when ``uri`` holds no output at all."""
+    schema (``log_schema``). The published table when it was made from the log as it is now (cheap); else the log
+    merged here, so it is right even when a run died before publishing. ``FileNotFoundError`` when ``uri`` holds
+    no output at all."""
     layout = OutputLayout(uri, storage_options)
     if not layout.log_parts() and not storage.exists(layout.job_json, storage_options):
         raise FileNotFoundError(
@@ -381,6 +404,9 @@ def open_results(uri: str, storage_options: dict[str, Any] | None = None) -> pa.
             "give the folder a job's `output:` names"
         )
     parts = survey(layout)
+    published = _published_if_current(layout, parts)
+    if published is not None:
+        return published
     return merge_in_memory(layout, parts, find_winners(layout, parts), unified_schema(parts))
 
 

@@ -1,5 +1,6 @@
 """The published table read as users read it (issue 9): every common reader, given ``<out>/results/`` (the folder
-or ``results/*.parquet``), gets one row per id with the values ``farm.open_results`` gives."""
+or ``results/*.parquet``), gets one row per id with the values the log merged in memory gives
+(``farm.table.read_results``)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pyarrow as pa
 import pytest
 
 from farm.publish import publish
-from farm.table import open_results
+from farm.table import read_results
 from tests.test_table import EXPECTED, as_dicts, build_output
 
 COLUMNS = ["id", "status", "campaign", "priority", "lang", "run_seq", "committed_at", "video"]
@@ -62,7 +63,7 @@ READERS: dict[str, Callable[[str, Path], pa.Table]] = {
 def published(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, pa.Table]:
     layout = build_output(str(tmp_path_factory.mktemp("readers") / "out"))
     publish(layout)
-    return layout.results_dir, open_results(layout.root)
+    return layout.results_dir, read_results(layout)  # the log merged here, not the published file
 
 
 def _same(got: pa.Table, want: pa.Table) -> None:

@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import farm.publish
+import farm.table
 from farm import storage, table
 from farm.cli import main
 from farm.lease import LeaseHeld, OutputLease
@@ -22,7 +23,7 @@ from farm.publish import compact_output, publish
 from farm.records import Record
 from farm.results import ResultWriter, result_schema, write_part
 from farm.storage import OutputLayout
-from farm.table import SchemaDrift, check_carried_types, log_schema, open_results
+from farm.table import SchemaDrift, check_carried_types, log_schema, open_results, read_results
 
 T0 = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
 CARRIED_1 = pa.schema([("campaign", pa.string()), ("priority", pa.int32())])
@@ -149,7 +150,7 @@ def test_publish_writes_one_clean_file(tmp_path: Path) -> None:
     assert summary["records_in_log"] == records == _log_records(layout)
     assert os.path.basename(layout.log_parts()[0]).startswith("part-00000000-legacy-part-00000-old")
     published = pq.read_table(layout.published)
-    assert published.equals(open_results(layout.root))
+    assert published.equals(read_results(layout))  # the log merged in memory
     meta = pq.ParquetFile(layout.published).metadata
     assert meta.row_group(0).column(0).compression == "ZSTD"
     assert publish(layout)["ids_published"] == len(EXPECTED)  # again: same table
@@ -289,3 +290,24 @@ def test_publish_on_s3(s3_bucket: str, s3_endpoint: dict[str, Any]) -> None:
     with fs.open(path, "rb") as fh:
         assert pq.read_table(fh).equals(expected)
     assert as_dicts(expected) == EXPECTED
+
+
+def test_open_results_reads_the_published_table_while_it_is_current(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After ``publish``, ``open_results`` reads the one published file (no merge, memory of the table only) and
+    gets what the merge gives; once a run adds a part, the published file is stale and the log is merged again."""
+    layout = build_output(str(tmp_path / "out"))
+    publish(layout)
+    merged = read_results(layout)
+    monkeypatch.setattr(farm.table, "merge_in_memory", _no_merge)
+    assert open_results(layout.root).equals(merged)
+    monkeypatch.undo()
+    _run(layout, 5, CARRIED_2, [_rec("f", "failed", campaign="spring", priority=5)])
+    monkeypatch.setattr(farm.table, "merge_in_memory", _no_merge)
+    with pytest.raises(AssertionError, match="merged"):
+        open_results(layout.root)
+
+
+def _no_merge(*args: object) -> None:
+    raise AssertionError("the log was merged although the published table is current")
