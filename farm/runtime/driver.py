@@ -103,6 +103,7 @@ class Driver:
         self.fingerprint: str | None = None
         self.weights: dict[str, str | None] = {}  # replica key -> the model fingerprint it reported when ready
         self.resume = ResumePlan()
+        self.defaults: RowDefaults | None = None
         self.model_name: str = ""
         self.bar: tqdm | None = None
         self.started = time.monotonic()
@@ -320,7 +321,7 @@ class Driver:
         start = self.started = time.monotonic()
         job = self.job
         manifest = Manifest(job.manifest, job.storage_options)
-        defaults = row_defaults(job)
+        defaults = self.defaults = row_defaults(job)
         self.extra_columns = manifest.extra_columns
         schema = results.result_schema(pa.schema([manifest.schema.field(c) for c in self.extra_columns]))
         self.run_id = results.new_run_id()
@@ -467,6 +468,13 @@ class Driver:
                 "could not publish %s (%s); run `farm compact %s`", self.layout.results_dir, exc, self.job.output
             )
 
+    def _resolved_defaults(self) -> dict[str, Any] | None:
+        """What every row of this run fell back to: the backend's defaults overlaid with the spec's ``defaults``."""
+        if self.defaults is None:
+            return None
+        params = self.defaults.params.as_dict()
+        return {**params, "negative_prompt": self.defaults.negative_prompt, "seed": self.defaults.base_seed}
+
     def _write_job_json(self, status: str, summary: RunSummary | None = None) -> None:
         """``_job.json``: the latest spec and model at the top, and one entry per run ever made into this output
         (its own resolved spec and settings, never overwritten by a later run)."""
@@ -481,6 +489,7 @@ class Driver:
                 "updated_at": _utcnow().isoformat(),
                 "farm_version": __version__,
                 "spec": spec,
+                "resolved_defaults": self._resolved_defaults(),
                 "model_config": json.loads(self.maker.model_config),
                 "metrics_config": json.loads(self.maker.metrics_config),
                 "model_fingerprint": self.fingerprint,

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
@@ -24,6 +25,7 @@ from farm.results import records_to_table, result_schema
 from farm.resume import ChangedRows
 from farm.runtime.driver import run_job
 from farm.storage import OutputLayout, resolve_pkg_uri
+from farm.table import SchemaDrift
 from tests.helpers import ASTRONAUT, still_job, write_manifest
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
@@ -127,6 +129,7 @@ def test_spec_and_manifest_edits_between_runs(tmp_path: Path) -> None:
     runs = json.loads((tmp_path / "out" / "_job.json").read_text())["runs"]
     assert [r["run_seq"] for r in runs] == [1, 2, 3, 4, 5]
     assert [r["spec"]["defaults"]["num_frames"] for r in runs] == [5, 5, 9, 9, 9]
+    assert runs[0]["resolved_defaults"]["num_frames"] == 5 and runs[0]["resolved_defaults"]["num_inference_steps"]
     assert runs[-1]["resume"]["not_in_manifest"] == 1 and runs[-1]["resume"]["regenerated"] == 2
 
 
@@ -151,3 +154,24 @@ def test_a_record_has_no_column_a_typo_could_create() -> None:
         Record(id="a", status="ok").set(identity_maen=0.5)
     with pytest.raises(KeyError, match="campaign"):
         records_to_table([Record(id="a", status="ok", carried={"campaign": "x"})], result_schema())
+
+
+def test_a_carried_column_whose_type_changed_is_refused_at_run_start(tmp_path: Path) -> None:
+    """``campaign`` was int64 in the first run and is text now: refused before anything runs (a reader would
+    otherwise meet two types); widening int32 to int64 is fine."""
+    out = str(tmp_path / "out")
+    first = [{"id": "a", "portrait": ASTRONAUT, "prompt": "a", "campaign": 7, "batch": 1}]
+    schema = pa.schema(
+        [
+            *(pa.field(n, pa.string()) for n in ("id", "portrait", "prompt")),
+            ("campaign", pa.int64()),
+            ("batch", pa.int32()),
+        ]
+    )
+    run_job(_job(write_manifest(tmp_path / "m1.parquet", first, schema), out), progress=False)
+    texts = [{**first[0], "id": "b", "campaign": "spring"}]
+    with pytest.raises(SchemaDrift, match="'campaign' is string in this manifest but int64"):
+        run_job(_job(write_manifest(tmp_path / "m2.parquet", texts), out), progress=False)
+    wider = schema.set(4, pa.field("batch", pa.int64()))
+    run_job(_job(write_manifest(tmp_path / "m3.parquet", [{**first[0], "id": "c"}], wider), out), progress=False)
+    assert open_results(out).schema.field("batch").type == pa.int64()
