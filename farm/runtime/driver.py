@@ -442,6 +442,12 @@ class Driver:
         )
         for line in self.resume.changes:
             log.info("changed since the committed rows: %s", line)
+        if self.resume.removed:
+            log.warning(
+                "%d committed id(s) are not in this manifest: their records stay in %s (this run does not touch them)",
+                self.resume.removed,
+                self.layout.results_dir,
+            )
         self.writer = results.ResultWriter(
             self.layout,
             schema,
