@@ -1,4 +1,5 @@
-"""``farm validate``: check a job spec and its whole manifest before any GPU time, counting problems by reason."""
+"""``farm validate``: check a job spec and its whole manifest before any GPU time, counting problems by reason, then
+the pre-flight (``farm.preflight``: weights, a writable output, portrait locations, the GPU-time estimate)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 from farm import storage
 from farm.config import JobSpec
 from farm.manifest import Manifest, RowState, plan_rows, resolve_row
+from farm.preflight import PreflightReport, estimate_for, preflight
 from farm.records import ErrorCode, RowError
 from farm.worker import row_defaults
 
@@ -23,10 +25,12 @@ class ValidationReport:
     reasons: Counter[str] = field(default_factory=Counter)
     examples: dict[str, list[str]] = field(default_factory=dict)
     extra_columns: list[str] = field(default_factory=list)
+    preflight: PreflightReport | None = None
 
     @property
     def ok(self) -> bool:
-        return not self.reasons
+        """No invalid row and no blocking pre-flight finding (missing weights, unwritable output)."""
+        return not self.reasons and (self.preflight is None or self.preflight.ok)
 
     def add(self, code: ErrorCode, row_id: Any, message: str) -> None:
         self.reasons[code.value] += 1
@@ -41,6 +45,8 @@ class ValidationReport:
         for code, count in self.reasons.most_common():
             lines.append(f"  {code:<22} {count}")
             lines.extend(f"      e.g. {ex}" for ex in self.examples.get(code, []))
+        if self.preflight is not None:
+            lines.append(self.preflight.render())
         return "\n".join(lines)
 
 
@@ -56,14 +62,22 @@ def _portrait_problem(uri: str, job: JobSpec) -> tuple[ErrorCode, str] | None:
     return None
 
 
-def validate_job(job: JobSpec, check_portraits: bool | None = None, workers: int = 8) -> ValidationReport:
+def validate_job(
+    job: JobSpec,
+    check_portraits: bool | None = None,
+    workers: int = 8,
+    deep: bool = False,
+    run_preflight: bool = True,
+) -> ValidationReport:
     """Classify every row as ``farm run`` would (the same ``plan_rows`` and ``resolve_row``: a duplicated id is one
     ``duplicate_id`` finding, as it becomes one record); with ``check_portraits`` also open every distinct portrait
-    with the run's own reader (``storage.load_portrait``: its limits and allowed roots), in parallel."""
+    with the run's own reader (``storage.load_portrait``: its limits and allowed roots), in parallel. Then the
+    pre-flight (``deep``: safetensors headers too), its GPU-time estimate summed over the valid rows' settings."""
     check_portraits = job.runtime.check_portraits if check_portraits is None else check_portraits
     manifest = Manifest(job.manifest, job.storage_options)
     defaults = row_defaults(job)
     report = ValidationReport(extra_columns=manifest.extra_columns)
+    estimate = estimate_for(job, rows=0)
     portraits: dict[str, list[Any]] = {}
     for state, key, row, error in plan_rows(manifest, set()):
         report.rows += 1
@@ -72,15 +86,18 @@ def validate_job(job: JobSpec, check_portraits: bool | None = None, workers: int
         try:
             if error is not None:
                 raise error
-            resolve_row({**row, "id": key}, defaults)
+            request = resolve_row({**row, "id": key}, defaults)
         except RowError as exc:
             report.add(exc.code, key, exc.message)
             continue
         if check_portraits:
             portraits.setdefault(row["portrait"], []).append(key)
         report.valid += 1
+        estimate.add(request.params)
     if portraits:
         _check_portraits(job, portraits, report, workers)
+    if run_preflight:
+        report.preflight = preflight(job, deep=deep, estimate=estimate)
     return report
 
 

@@ -45,6 +45,13 @@ class Backend(ABC):
         """Human name written into mp4 metadata and ``_job.json``, e.g. ``"Lynx full (Wan2.1-T2V-14B)"``."""
         return self.name if self.spec.variant is None else f"{self.name} {self.spec.variant}"
 
+    def check_weights(self, deep: bool = False) -> list[str]:
+        """Problems with ``spec.weights`` (and options naming files), one line each naming the role, the URI, what is
+        wrong and the fix; empty = loadable. Cheap: nothing is loaded and torch is not imported; ``deep`` also reads
+        file headers (range reads on remote storage). Run by ``farm validate`` and before ``farm run`` starts replicas,
+        so a typo costs no GPU time. Default: nothing to check."""
+        return []
+
     def output_config(self) -> str:
         """The settings that shape this backend's videos, as canonical JSON (``farm.fingerprints.model_config``)."""
         options = {k: v for k, v in self.spec.options.items() if k not in self.SPEED_OPTIONS | {"storage_options"}}

@@ -28,6 +28,19 @@ class SimulatedBackend(Backend):
     def default_params(self) -> SamplingParams:
         return SamplingParams(num_frames=5, height=32, width=32, num_inference_steps=1, fps=8)
 
+    def check_weights(self, deep: bool = False) -> list[str]:
+        """No weights; the sleep options must be numbers >= 0."""
+        problems = []
+        for name in sorted(self.SPEED_OPTIONS):
+            value = self.spec.options.get(name, 0.0)
+            try:
+                ok = float(value) >= 0
+            except (TypeError, ValueError):
+                ok = False
+            if not ok:
+                problems.append(f"simulated backend: option {name}={value!r} must be a number >= 0")
+        return problems
+
     def setup(self, device: str) -> None:
         time.sleep(float(self.spec.options.get("load_time_s", 0.0)))
         self.device = device

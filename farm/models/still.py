@@ -18,6 +18,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from farm import storage
 from farm.identity.faces import DEFAULT_MIN_FACE_SIZE, FaceDetector, norm_crop, pick_portrait_face
 from farm.models.base import Backend
 from farm.params import SamplingParams
@@ -53,6 +54,21 @@ class StillBackend(Backend):
 
     def _options(self) -> dict[str, Any]:
         return dict(self.spec.options)
+
+    def check_weights(self, deep: bool = False) -> list[str]:
+        """No model weights; with ``recognizer: insightface`` the pack must exist."""
+        options = self._options()
+        if options.get("recognizer", "dlib") != "insightface":
+            return []
+        pack = options.get("pack") or self.spec.weights.get("insightface")
+        if not pack:
+            return ["still backend: recognizer=insightface needs options.pack (an insightface pack URI)"]
+        try:
+            if storage.exists(pack, self.spec.storage_options or None):
+                return []
+        except Exception as exc:  # noqa: BLE001 - a storage fault is a finding
+            return [f"still backend: cannot check options.pack {pack!r} ({type(exc).__name__}: {exc})"]
+        return [f"still backend: options.pack {pack!r} does not exist; point it at an insightface pack"]
 
     def _make_detector(self) -> FaceDetector:
         options = self._options()

@@ -123,6 +123,14 @@ class LynxBackend(Backend):
     def describe(self) -> str:
         return f"Lynx {self.variant} (Wan2.1-T2V-14B)"
 
+    def check_weights(self, deep: bool = False) -> list[str]:
+        """Every weights role exists and holds what the loader needs (``precheck.py``; deep: safetensors headers and
+        the adapter's layers against the variant), without loading anything."""
+        from farm.models.lynx.precheck import check_lynx_weights
+
+        detector = str(self._option("face_detector", "insightface"))
+        return check_lynx_weights(dict(self.spec.weights), self.variant, detector, self._storage_options(), deep)
+
     def _option(self, name: str, default: Any) -> Any:
         return self.spec.options.get(name, default)
 

@@ -22,6 +22,14 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from farm.models.lynx.adapters import AdapterState, install_ip_adapter, install_ref_adapter
+from farm.models.lynx.layout import (
+    ADAPTER_CONFIG,
+    IP_FILE,
+    REF_FILE,
+    RESAMPLER_FILE,
+    VARIANTS,
+    missing_base_files,
+)
 from farm.models.lynx.resampler import Resampler
 from farm.models.lynx.weights import (
     LynxWeightsError,
@@ -31,13 +39,6 @@ from farm.models.lynx.weights import (
     local_dir,
     require_file,
 )
-
-VARIANTS = ("full", "lite")
-ADAPTER_CONFIG = "lynx_adapter.json"
-RESAMPLER_FILE = "resampler.safetensors"
-IP_FILE = "ip_layers.safetensors"
-REF_FILE = "ref_layers.safetensors"
-BASE_PARTS = ("tokenizer", "text_encoder", "vae", "transformer", "scheduler")
 
 
 @dataclass(frozen=True)
@@ -146,18 +147,11 @@ class LynxModel:
 
 
 def _check_base(base_dir: Path) -> None:
-    for part in BASE_PARTS:
-        folder = base_dir / part
-        if not folder.is_dir():
-            raise MissingWeightsFile(str(folder), "base model")
-        if part == "tokenizer":
-            if not any((folder / n).is_file() for n in ("tokenizer.json", "spiece.model")):
-                raise MissingWeightsFile(str(folder / "tokenizer.json"), "base model")
-            continue
-        config = "scheduler_config.json" if part == "scheduler" else "config.json"
-        require_file(folder, config, "base model")
-        if part != "scheduler" and not any(folder.glob("*.safetensors")):
-            raise MissingWeightsFile(str(folder / "diffusion_pytorch_model.safetensors"), "base model")
+    """The layout's rules (``layout.missing_base_files``, which ``farm validate`` applies too); first gap raised."""
+    files = [p.relative_to(base_dir).as_posix() for p in base_dir.rglob("*") if p.is_file()]
+    missing = missing_base_files(files)
+    if missing:
+        raise MissingWeightsFile(str(base_dir / missing[0].rstrip("/")), "base model")
 
 
 def build_adapters(transformer, config: AdapterConfig, state: AdapterState):
