@@ -1,43 +1,178 @@
-"""``farm`` command line: run, validate, status, results, score, models make-tiny, schemas."""
+"""The ``farm`` command line: run, validate, status, results, compact, export, compare, score, models, schemas.
+
+Every mistake a user can make ends in one paragraph on stderr naming the value, where it came from and the fix, and
+an exit code from ``EXIT_CODES``; tracebacks only with ``farm --debug``.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
+import re
 import sys
-from collections.abc import Sequence
-from typing import Any
+import traceback
+from collections.abc import Iterator, Sequence
+from typing import Any, NoReturn
 
-from farm import secrets
+from farm import __version__, secrets
 
 EXIT_OK, EXIT_INVALID, EXIT_USAGE, EXIT_ABORTED, EXIT_ROWS_FAILED, EXIT_OUTPUT_BUSY = 0, 1, 2, 3, 4, 5
+EXIT_INTERNAL = 70  # sysexits.h EX_SOFTWARE: a bug, not a user mistake
 EXIT_INTERRUPTED = 130
+EXIT_STDOUT_CLOSED = 141  # 128 + SIGPIPE, what a shell reports for a writer whose reader went away
+
+DESCRIPTION = "Lynx Farm: Parquet manifests of (portrait, prompt) rows -> personalized videos and identity scores."
+EXIT_CODES = f"""exit codes:
+  {EXIT_OK:<4} ok
+  {EXIT_INVALID:<4} farm validate: the manifest has invalid rows
+  {EXIT_USAGE:<4} usage or configuration: a bad flag, job spec, manifest or output URI, missing credentials or a
+       missing storage library (gcsfs, adlfs); the message names the value and the fix
+  {EXIT_ABORTED:<4} aborted: a job gave up, or storage stayed unreachable (or refused the credentials) through retries
+  {EXIT_ROWS_FAILED:<4} farm run: more than runtime.max_failed_fraction of the rows failed
+  {EXIT_OUTPUT_BUSY:<4} the output is leased by another run
+  {EXIT_INTERNAL:<4} internal error (a bug): rerun with --debug and report the traceback
+  {EXIT_INTERRUPTED:<4} interrupted (Ctrl-C): committed rows are kept; rerun the same command to resume
+  {EXIT_STDOUT_CLOSED:<4} stdout closed early (e.g. `farm results OUT | head`); nothing is printed about it"""
 
 
-def _storage_options(pairs: Sequence[str] | None) -> dict[str, Any]:
+STORAGE_OPTION_HELP = (
+    "fsspec option key=value, repeatable; dots nest (client_kwargs.endpoint_url=URL), true/false/numbers are typed"
+)
+
+
+class UsageError(Exception):
+    """A command-line mistake found after parsing (exit 2); the message names the flag, the value and the fix."""
+
+
+class _StdoutClosed(Exception):
+    """The reader of stdout went away (``| head``)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a did-you-mean for a mistyped command or choice."""
+
+    def error(self, message: str) -> NoReturn:
+        found = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if found:
+            from farm.config import did_you_mean
+
+            choices = [c.strip().strip("'") for c in found.group(2).split(",")]
+            message += did_you_mean(found.group(1), choices)
+        super().error(message)
+
+
+def _emit(text: str, end: str = "\n") -> None:
+    """Print a command's output; a closed stdout becomes ``_StdoutClosed`` (never a storage connection's error)."""
+    try:
+        print(text, end=end, flush=True)
+    except BrokenPipeError:
+        raise _StdoutClosed from None
+
+
+def _replicas(text: str) -> int | str:
+    """``--replicas``: a whole number >= 1, or ``all``."""
+    if text == "all" or (text.isdigit() and int(text) >= 1):
+        return text if text == "all" else int(text)
+    raise argparse.ArgumentTypeError(f"expects a whole number >= 1 or 'all', got {text!r} (e.g. --replicas 4)")
+
+
+def _storage_pair(text: str) -> tuple[list[str], Any]:
+    """``--storage-option key=value``: the dotted key's parts and the value (true/false/numbers typed)."""
+    key, sep, value = text.partition("=")
+    parts = key.strip().split(".")
+    if not sep or not all(parts):
+        shown = f" {text!r}" if re.fullmatch(r"[a-z_][a-z0-9_.]*", text) else ""  # never echo what may be a secret
+        raise argparse.ArgumentTypeError(
+            f"expects key=value, got{shown or ' a value'} without a key or '=' "
+            "(e.g. --storage-option anon=true, --storage-option client_kwargs.endpoint_url=http://host:9000)"
+        )
+    return parts, value if secrets.is_credential_key(parts[-1]) else _typed(value)
+
+
+def _typed(value: str) -> Any:
+    """``true``/``false`` -> bool, ``10``/``2.5`` -> numbers (fsspec wants ``anon=False``, not the truthy "false")."""
+    if value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value
+
+
+def _storage_options(pairs: Sequence[tuple[list[str], Any]] | None) -> dict[str, Any]:
     """``--storage-option key=value`` (repeatable; ``client_kwargs.endpoint_url=...`` nests)."""
     out: dict[str, Any] = {}
-    for pair in pairs or []:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise SystemExit(f"--storage-option expects key=value, got {pair!r}")
+    for parts, value in pairs or []:
         node = out
-        *parents, leaf = key.split(".")
-        for p in parents:
+        *parents, leaf = parts
+        for i, p in enumerate(parents):
             node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                group = ".".join(parents[: i + 1])
+                raise UsageError(f"--storage-option {'.'.join(parts)}=...: {group} was already given a value")
         node[leaf] = value
     secrets.remember({"storage_options": out})  # error messages and log lines never show these values
     return out
 
 
+def _check_protocols(uris: Sequence[tuple[str, Any]]) -> None:
+    """Each URI's fsspec protocol is known and its library installed (``gs://`` needs gcsfs), else ``UsageError``."""
+    import fsspec
+
+    from farm import storage
+    from farm.config import did_you_mean
+
+    for where, uri in uris:
+        protocol = storage.protocol_of(uri) if isinstance(uri, str) and uri else None
+        if protocol is None:
+            continue
+        try:
+            fsspec.get_filesystem_class(protocol)
+        except ImportError as exc:
+            raise UsageError(f"{where} {uri}: {_install_hint(exc) or exc}") from None
+        except ValueError:
+            hint = did_you_mean(protocol, fsspec.available_protocols())
+            raise UsageError(
+                f"{where} {uri}: unknown storage protocol {protocol + '://'!r}{hint}; give a local path or an fsspec "
+                "URI such as s3://bucket/key, gs://bucket/key, az://container/key, https://host/path"
+            ) from None
+
+
+def _install_hint(exc: BaseException) -> str | None:
+    """fsspec's "Please install gcsfs to access ..." -> "needs the gcsfs package: pip install gcsfs"."""
+    found = re.search(r"[Ii]nstall (\w[\w.-]*)", str(exc))
+    if not found:
+        return None
+    return f"needs the {found.group(1)} package, which is not installed: pip install {found.group(1)} ({exc})"
+
+
+def _outputs(args: argparse.Namespace, *uris: str, check: bool = True) -> dict[str, Any]:
+    """The command's storage options, after checking that each of ``uris`` is a job output (``check``)."""
+    from farm.report import check_output
+
+    options = _storage_options(args.storage_option)
+    _check_protocols([("output", u) for u in uris] + [("--to", getattr(args, "to", None))])
+    for uri in uris if check else ():
+        check_output(uri, options)
+    return options
+
+
 def _load(args: argparse.Namespace, path: str | None = None):
     from farm.config import load_job
 
+    path = path or args.job
     overrides = {"manifest": args.manifest, "output": getattr(args, "output", None)}
     if getattr(args, "replicas", None) is not None:
-        overrides["resources.replicas"] = args.replicas if args.replicas == "all" else int(args.replicas)
-    return load_job(path or args.job, overrides)
+        overrides["resources.replicas"] = args.replicas
+    job = load_job(path, overrides)
+    uris = [("manifest", job.manifest), ("output", job.output), ("identity.pack", job.identity.pack)]
+    uris += [(f"model.weights.{role}", uri) for role, uri in job.model.weights.items()]
+    _check_protocols([(f"{path}: {where}", uri) for where, uri in uris])
+    return job
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -46,7 +181,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     paths = [args.job, *args.more_jobs]
     if len(paths) > 1 and args.output:
-        raise SystemExit("--output overrides one job's output; a sweep writes each job to its own output")
+        raise UsageError("--output overrides one job's output; a sweep writes each job to its own output: drop it")
     jobs = [_load(args, path) for path in paths]  # validate every spec before any GPU time
     code = EXIT_OK
     for path, job in zip(paths, jobs):
@@ -60,7 +195,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             regenerate_changed=args.regenerate_changed,
             rescore_changed=args.rescore_changed,
         )
-        print(json.dumps(summary.as_dict(), indent=2))
+        _emit(json.dumps(summary.as_dict(), indent=2))
         if _too_many_failed(summary.counts, job.runtime.max_failed_fraction, path):
             code = EXIT_ROWS_FAILED
     return code
@@ -82,7 +217,7 @@ def _too_many_failed(counts: dict[str, int], limit: float, path: str) -> bool:
 def cmd_compare(args: argparse.Namespace) -> int:
     from farm.report import compare_outputs
 
-    print(compare_outputs(args.outputs, _storage_options(args.storage_option), args.to, args.limit))
+    _emit(compare_outputs(args.outputs, _outputs(args, *args.outputs), args.to, args.limit))
     return EXIT_OK
 
 
@@ -91,32 +226,34 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
     job = _load(args)
     report = validate_job(job, check_portraits=args.check_portraits or None)
-    print(f"job spec {args.job}: ok ({job.model.backend}{' ' + job.model.variant if job.model.variant else ''})")
-    print(report.render())
+    _emit(f"job spec {args.job}: ok ({job.model.backend}{' ' + job.model.variant if job.model.variant else ''})")
+    _emit(report.render())
     return EXIT_OK if report.ok else EXIT_INVALID
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     from farm.report import status_text
 
-    print(status_text(args.output, _storage_options(args.storage_option)))
+    _emit(status_text(args.output, _outputs(args, args.output, check=False)))
     return EXIT_OK
 
 
 def cmd_results(args: argparse.Namespace) -> int:
     from farm.report import export_results
 
-    text = export_results(args.output, _storage_options(args.storage_option), args.format, args.to, args.limit)
+    if args.format == "parquet" and not args.to:
+        raise UsageError("results --format parquet writes a file: add --to FILE (e.g. --to results.parquet)")
+    text = export_results(args.output, _outputs(args, args.output), args.format, args.to, args.limit)
     if text:
-        print(text)
+        _emit(text)
     return EXIT_OK
 
 
 def cmd_compact(args: argparse.Namespace) -> int:
     from farm.publish import compact_output
 
-    summary = compact_output(args.output, _storage_options(args.storage_option))
-    print(json.dumps(summary, indent=2, default=str))
+    summary = compact_output(args.output, _outputs(args, args.output))
+    _emit(json.dumps(summary, indent=2, default=str))
     return EXIT_OK
 
 
@@ -129,15 +266,16 @@ def cmd_export(args: argparse.Namespace) -> int:
         args.to,
         where=args.where,
         shard_size=args.shard_size,
-        storage_options=_storage_options(args.storage_option),
+        storage_options=_outputs(args, args.output),
     )
-    print(json.dumps(summary, indent=2, default=str))
+    _emit(json.dumps(summary, indent=2, default=str))
     return EXIT_OK
 
 
 def cmd_score(args: argparse.Namespace) -> int:
     from farm.scoring import ScoreAborted, score_manifest
 
+    _check_protocols([("manifest", args.manifest), ("--output", args.output), ("--pack", args.pack)])
     try:
         summary = score_manifest(
             args.manifest,
@@ -153,7 +291,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     except ScoreAborted as exc:
         print(f"scoring aborted: {secrets.scrub(str(exc))}", file=sys.stderr)
         return EXIT_ABORTED
-    print(json.dumps(summary, indent=2))
+    _emit(json.dumps(summary, indent=2))
     return EXIT_OK
 
 
@@ -161,7 +299,7 @@ def cmd_make_tiny(args: argparse.Namespace) -> int:
     from farm.models.lynx.tiny import make_tiny_checkpoint
 
     out = make_tiny_checkpoint(args.dir, seed=args.seed)
-    print(f"tiny Lynx checkpoint written to {out}")
+    _emit(f"tiny Lynx checkpoint written to {out}")
     return EXIT_OK
 
 
@@ -169,14 +307,18 @@ def cmd_schemas(args: argparse.Namespace) -> int:
     from farm.schemas import write_schemas
 
     for path in write_schemas(args.dir):
-        print(path)
+        _emit(str(path))
     return EXIT_OK
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="farm", description=__doc__)
+    parser = _Parser(
+        prog="farm", description=DESCRIPTION, epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=f"farm {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--debug", action="store_true", help="print the traceback of any error (for bug reports)")
+    sub = parser.add_subparsers(dest="command", required=True, title="commands", metavar="COMMAND")
 
     def job_args(p: argparse.ArgumentParser, output: bool = True) -> None:
         p.add_argument("job", help="job spec YAML (see jobs/)")
@@ -187,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run a job, or several in turn (a sweep); rerun to resume")
     job_args(p)
     p.add_argument("more_jobs", nargs="*", metavar="JOB", help="more job specs, run in turn after the first")
-    p.add_argument("--replicas", help="override resources.replicas (a number or 'all')")
+    p.add_argument("--replicas", type=_replicas, help="override resources.replicas (a number or 'all')")
     p.add_argument("--retry-failed", action="store_true", help="also rerun rows whose committed status is failed")
     p.add_argument(
         "--regenerate-changed",
@@ -215,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         p = sub.add_parser(name, help=helptext)
         p.add_argument("output", help="a job's output URI")
-        p.add_argument("--storage-option", action="append", help="fsspec option key=value (repeatable)")
+        p.add_argument("--storage-option", action="append", type=_storage_pair, help=STORAGE_OPTION_HELP)
         if name == "results":
             p.add_argument("--format", choices=["table", "csv", "jsonl", "parquet"], default="table")
             p.add_argument("--to", help="write to this file/URI instead of printing")
@@ -224,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compact", help="publish OUT/results/ (one row per id) from the record log; runs do it too")
     p.add_argument("output", help="a job's output URI")
-    p.add_argument("--storage-option", action="append", help="fsspec option key=value (repeatable)")
+    p.add_argument("--storage-option", action="append", type=_storage_pair, help=STORAGE_OPTION_HELP)
     p.set_defaults(func=cmd_compact)
 
     p = sub.add_parser("export", help="export videos + records as a dataset (WebDataset shards, HF, Parquet)")
@@ -233,12 +375,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", required=True, help="destination folder/URI (a rerun resumes)")
     p.add_argument("--where", help="filter over result columns, e.g. \"status = 'ok' AND identity_mean >= 0.6\"")
     p.add_argument("--shard-size", type=int, default=1000, help="rows per shard")
-    p.add_argument("--storage-option", action="append", help="fsspec option key=value (repeatable)")
+    p.add_argument("--storage-option", action="append", type=_storage_pair, help=STORAGE_OPTION_HELP)
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("compare", help="identity metrics of several outputs side by side, joined by id")
     p.add_argument("outputs", nargs="+", help="job or score outputs (e.g. a Lynx job and its still baseline)")
-    p.add_argument("--storage-option", action="append", help="fsspec option key=value (repeatable)")
+    p.add_argument("--storage-option", action="append", type=_storage_pair, help=STORAGE_OPTION_HELP)
     p.add_argument("--to", help="also write the per-id table (csv or parquet, by extension)")
     p.add_argument("--limit", type=int, default=20, help="per-id rows to print")
     p.set_defaults(func=cmd_compare)
@@ -249,9 +391,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recognizer", choices=["dlib", "insightface"], default="dlib")
     p.add_argument("--pack", help="insightface model pack dir/URI (recognizer=insightface)")
     p.add_argument("--frames", type=int, default=16, help="frames sampled per video")
-    p.add_argument("--workers", type=int, default=2, help="parallel scoring processes")
+    p.add_argument(
+        "--workers", type=int, default=2, help="worker processes scoring in parallel (each loads its recognizer)"
+    )
     p.add_argument("--retry-failed", action="store_true", help="also rescore rows whose committed status is failed")
-    p.add_argument("--storage-option", action="append", help="fsspec option key=value (repeatable)")
+    p.add_argument("--storage-option", action="append", type=_storage_pair, help=STORAGE_OPTION_HELP)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_score)
 
@@ -269,6 +413,121 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; the exit code says how it ended (``EXIT_CODES``)."""
+    try:
+        try:
+            args = build_parser().parse_args(argv)
+        except SystemExit as exc:  # --help, --version, a usage error: argparse has printed its text
+            _emit("", end="")
+            return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+        logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+        secrets.install_log_filter()
+        return _run(args)
+    except (_StdoutClosed, BrokenPipeError):
+        return _stdout_closed()
+
+
+def _run(args: argparse.Namespace) -> int:
+    try:
+        return args.func(args)
+    except _StdoutClosed:
+        raise
+    except KeyboardInterrupt:
+        _traceback(args.debug)
+        print("interrupted: committed rows are kept; rerun the same command to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except SystemExit as exc:
+        if not isinstance(exc.code, str):
+            raise
+        return _fail(args.debug, EXIT_USAGE, f"error: {exc.code}")
+    except Exception as exc:  # noqa: BLE001 - every error ends in one message and a documented exit code
+        code, message = _explain(exc)
+        return _fail(args.debug, code, message)
+
+
+def _fail(debug: bool, code: int, message: str) -> int:
+    _traceback(debug)
+    print(secrets.scrub(message), file=sys.stderr)
+    return code
+
+
+def _traceback(debug: bool) -> None:
+    if debug:
+        print(secrets.scrub(traceback.format_exc()), file=sys.stderr, end="")
+
+
+def _stdout_closed() -> int:
+    """The reader went away: point stdout at devnull so the exit flush is silent (Python docs, "Note on SIGPIPE")."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # not a real file (captured in tests)
+        pass
+    return EXIT_STDOUT_CLOSED
+
+
+def _explain(exc: Exception) -> tuple[int, str]:
+    """The exit code and the message for ``exc``: the most specific reason found in its chain of causes."""
+    for explain in (_missing_credentials, _missing_library, _known):
+        found = explain(exc)
+        if found:
+            return found
+    reason = f"{type(exc).__name__}: {exc}"
+    return EXIT_INTERNAL, f"error: {reason} (an internal error: rerun with --debug for the traceback and report it)"
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and its causes: ``raise ... from``, else what it interrupted (unless ``from None``)."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ if exc.__cause__ is not None or exc.__suppress_context__ else exc.__context__
+
+
+def _uri_in(exc: BaseException) -> str | None:
+    """The first ``proto://...`` named in the messages of ``exc``'s chain (farm's storage errors quote it)."""
+    for inner in _chain(exc):
+        found = re.search(r"'([a-z][a-z0-9+.-]*://[^']+)'", str(inner))
+        if found:
+            return found.group(1)
+    return None
+
+
+CREDENTIAL_HINTS = {
+    "NoCredentialsError": "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), give storage_options "
+    "{s3: {key: ..., secret: ...}} in the job spec or --storage-option key=... --storage-option secret=..., or use "
+    "anon: true for a public bucket",
+    "PartialCredentialsError": "give both the key and the secret (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or "
+    "storage_options key and secret)",
+    "DefaultCredentialsError": "set GOOGLE_APPLICATION_CREDENTIALS to a service-account key file, run "
+    "`gcloud auth application-default login`, or give storage_options {gs: {token: ...}}",
+}
+
+
+def _missing_credentials(exc: Exception) -> tuple[int, str] | None:
+    """No credentials at all is configuration (exit 2): retrying later cannot help, unlike a store that is down."""
+    for inner in _chain(exc):
+        hint = next((CREDENTIAL_HINTS[c.__name__] for c in type(inner).__mro__ if c.__name__ in CREDENTIAL_HINTS), None)
+        if hint:
+            where = _uri_in(exc) or "the object store"
+            return EXIT_USAGE, f"error: no credentials for {where} ({type(inner).__name__}: {inner}): {hint}"
+    return None
+
+
+def _missing_library(exc: Exception) -> tuple[int, str] | None:
+    """``gs://`` without gcsfs and the like, where no URI check ran first (a URI inside a manifest)."""
+    for inner in _chain(exc):
+        hint = _install_hint(inner) if isinstance(inner, ImportError) else None
+        if hint:
+            return EXIT_USAGE, f"error: {_uri_in(exc) or 'a storage URI'} {hint}"
+    if isinstance(exc, ModuleNotFoundError) and exc.name:
+        top = exc.name.split(".")[0]
+        return EXIT_USAGE, f"error: {exc}: this command needs {top!r}, which is not installed here: pip install {top}"
+    return None
+
+
+def _known(exc: Exception) -> tuple[int, str] | None:
     from farm.cache import CacheError
     from farm.config import SpecError
     from farm.export import ExportError
@@ -278,26 +537,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     from farm.runtime.errors import JobAborted
     from farm.table import SchemaDrift
 
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
-    secrets.install_log_filter()
-    try:
-        return args.func(args)
-    except (SpecError, ManifestError, FileNotFoundError, CacheError, ExportError, SchemaDrift) as exc:
-        print(f"error: {secrets.scrub(str(exc))}", file=sys.stderr)
-        return EXIT_USAGE
-    except (JobAborted, LeaseLost) as exc:
-        print(f"job aborted: {secrets.scrub(str(exc))}", file=sys.stderr)
-        return EXIT_ABORTED
-    except InfraError as exc:  # storage stayed unreachable through its retries (timeouts, 5xx, refused credentials)
-        print(f"error: storage: {secrets.scrub(str(exc))}", file=sys.stderr)
-        return EXIT_ABORTED
-    except LeaseHeld as exc:
-        print(f"error: {secrets.scrub(str(exc))}", file=sys.stderr)
-        return EXIT_OUTPUT_BUSY
-    except KeyboardInterrupt:
-        print("interrupted: committed rows are kept; rerun the same command to resume", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    usage = (UsageError, SpecError, ManifestError, FileNotFoundError, CacheError, ExportError, SchemaDrift)
+    known: tuple[tuple[tuple[type[BaseException], ...], int, str], ...] = (
+        (usage, EXIT_USAGE, "error: {}"),
+        ((JobAborted, LeaseLost), EXIT_ABORTED, "job aborted: {}"),
+        # storage stayed unreachable through its retries (timeouts, 5xx, refused credentials)
+        ((InfraError,), EXIT_ABORTED, "error: storage: {}; check the endpoint, network and credentials, then rerun"),
+        ((LeaseHeld,), EXIT_OUTPUT_BUSY, "error: {}"),
+    )
+    for types, code, template in known:
+        if isinstance(exc, types):
+            return code, template.format(exc)
+    return None
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import posixpath
 import time
 from typing import Any
 
@@ -18,10 +20,33 @@ from farm.manifest import column_values
 from farm.storage import OutputLayout
 from farm.table import DamagedPart, read_results
 
+OUTPUT_MARKERS = ("_job.json", "_lease.json", "_log", "results")
+
+
+class OutputNotFound(FileNotFoundError):
+    """No job output at the URI given (a typo, a job spec instead of its output); the message says what to give."""
+
+
+def check_output(output: str, storage_options: dict[str, Any] | None = None) -> None:
+    """``OutputNotFound`` unless ``output`` holds one of ``OUTPUT_MARKERS`` (one listing; a local file is named)."""
+    if storage.is_local(output) and os.path.isfile(output):
+        raise OutputNotFound(
+            f"{output} is a file, not a job's output folder: give the output URI from the job spec's `output:` "
+            "(e.g. farm status ./farm-out/demo), not the spec or a results file"
+        )
+    names = {posixpath.basename(n.rstrip("/")) for n in storage.list_files(output, "", storage_options)}
+    if not names.intersection(OUTPUT_MARKERS):
+        found = "nothing is there" if not names else "it holds no _job.json, _log/ or results/"
+        raise OutputNotFound(
+            f"no job output at {output}: {found}. Give the output URI of a job (its spec's `output:`, or the "
+            "--output of `farm run` / `farm score`); check the path for a typo"
+        )
+
 
 def status_text(output: str, storage_options: dict[str, Any] | None = None) -> str:
     """Counts by status and error code, runs, the lease and any damaged parts; no secret reaches the text."""
     secrets.remember({"storage_options": storage_options or {}})
+    check_output(output, storage_options)
     layout = OutputLayout(output, storage_options)
     damaged: list[DamagedPart] = []
     table = read_results(layout, ["status", "error_code", "generate_s", "total_s", "committed_at"], damaged)
