@@ -110,8 +110,24 @@ def plan_resume(
         return plan
     joined, seen = _join_current(ctx, committed)
     plan.removed = committed.num_rows - seen
+    plan.unfingerprinted = joined.column("request_fingerprint").null_count
+    regenerate, rescore, plan.redo = _classify(ctx, joined, retry_failed, verify_portraits)
+    if regenerate or rescore:
+        plan.changes = describe_changes(ctx, regenerate, rescore)
+    if (regenerate and not regenerate_changed) or (rescore and not rescore_changed):
+        raise ChangedRows(_refusal(ctx.layout.root, regenerate, rescore, plan.changes))
+    plan.regenerate = regenerate
+    plan.rescore = _records(ctx.layout, rescore)
+    plan.keep = set(committed.column("id").to_pylist()) - plan.regenerate - set(plan.rescore) - plan.redo
+    return plan
+
+
+def _classify(
+    ctx: Context, joined: pa.Table, retry_failed: bool, verify_portraits: bool
+) -> tuple[set[str], set[str], set[str]]:
+    """(ok rows whose video would differ, ok rows whose metrics alone would, not-ok rows to redo). Records without
+    fingerprints (written before they existed) are in none."""
     known = pc.is_valid(joined.column("request_fingerprint"))
-    plan.unfingerprinted = joined.num_rows - pc.sum(known).as_py() if joined.num_rows else 0
     ok = pc.fill_null(pc.equal(joined.column("status"), Status.OK.value), False)
     differs = pc.and_(known, pc.not_equal(joined.column("now"), joined.column("request_fingerprint")))
     same_ok = pc.and_(pc.and_(ok, known), pc.invert(differs))
@@ -121,16 +137,8 @@ def plan_resume(
     metrics_moved = pc.fill_null(pc.not_equal(joined.column("metrics_config"), ctx.metrics_config), True)
     rescore = _ids(joined, pc.and_(same_ok, metrics_moved)) - regenerate
     failed = pc.fill_null(pc.equal(joined.column("status"), Status.FAILED.value), False)
-    plan.redo = _ids(joined, pc.and_(pc.invert(ok), differs)) | (_ids(joined, failed) if retry_failed else set())
-    refused = (regenerate and not regenerate_changed) or (rescore and not rescore_changed)
-    if regenerate or rescore:
-        plan.changes = describe_changes(ctx, regenerate, rescore)
-    if refused:
-        raise ChangedRows(_refusal(ctx.layout.root, regenerate, rescore, plan.changes))
-    plan.regenerate = regenerate
-    plan.rescore = _records(ctx.layout, rescore)
-    plan.keep = set(committed.column("id").to_pylist()) - plan.regenerate - set(plan.rescore) - plan.redo
-    return plan
+    redo = _ids(joined, pc.and_(pc.invert(ok), differs)) | (_ids(joined, failed) if retry_failed else set())
+    return regenerate, rescore, redo
 
 
 def _join_current(ctx: Context, committed: pa.Table) -> tuple[pa.Table, int]:
