@@ -184,3 +184,22 @@ def test_estimate_for_a_job_counts_manifest_rows(tmp_path: Path, ckpt: Path) -> 
     job = parse_job(yaml.safe_load(_lynx_spec(tmp_path, ckpt, "lynx_full").read_text()))
     estimate = estimate_for(job)
     assert estimate.rows == 2 and estimate.seconds > 0
+
+
+def test_a_replica_start_failure_reaches_the_user_as_the_loaders_line() -> None:
+    from farm.runtime.pool import _start_failure
+
+    class InitFailed(Exception):
+        actor_init_failed = True
+
+    report = (
+        "The actor died because of an error raised in its creation task, \x1b[36mray::Replica.__init__()\x1b[39m "
+        '(pid=1, ip=10.0.0.1)\n  File "replica.py", line 30, in __init__\n    raise start_failure(...)\n'
+        "farm.runtime.replica.ReplicaStartError: MissingWeightsFile: missing checkpoint folder file '/w/lynx_ful'"
+        " (full traceback in /tmp/ray/logs/farm-replica-0-1.log on host:abcd)"
+    )
+    assert _start_failure(InitFailed(report)) == (
+        "MissingWeightsFile: missing checkpoint folder file '/w/lynx_ful' "
+        "(full traceback in /tmp/ray/logs/farm-replica-0-1.log on host:abcd)"
+    )
+    assert _start_failure(RuntimeError("node died")) == "RuntimeError: node died"

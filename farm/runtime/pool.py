@@ -16,6 +16,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,13 +26,14 @@ import ray
 from farm.config import JobSpec
 from farm.records import ErrorCode, Outcome, Record, Status
 from farm.runtime import cluster
-from farm.runtime.replica import RemoteReplica
+from farm.runtime.replica import RemoteReplica, ReplicaStartError
 from farm.runtime.scheduler import Loss
 
 log = logging.getLogger("farm")
 
 PROBE_EVERY_S = 1.0
 CEILING_EVERY_S = 60.0
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
 NODE_DEATH_MARKERS = ("its node has died", "node was terminated", "node died", "preempt", "drain")
 
 
@@ -212,7 +214,7 @@ class ReplicaPool:
         try:
             handle.info = ray.get(handle.info_ref)
         except Exception as exc:  # noqa: BLE001 - RayActorError, or an exception Ray could not deserialize
-            return [self._lose(handle, self._classify(handle, exc), _short(exc))]
+            return [self._lose(handle, self._classify(handle, exc), _start_failure(exc))]
         self.no_ready_since = 0.0
         self.served.append(handle.info)
         return [Ready(handle.key, handle.info)]
@@ -323,6 +325,17 @@ def _kill(actor: Any) -> None:
         ray.kill(actor, no_restart=True)
     except Exception:  # noqa: BLE001 - already gone
         pass
+
+
+def _start_failure(exc: BaseException) -> str:
+    """The loader's one line when the replica's ``__init__`` raised (``ReplicaStartError`` is the last line of the
+    creation task's traceback), else ``_short``."""
+    marker = f"{ReplicaStartError.__name__}: "
+    if getattr(exc, "actor_init_failed", False):
+        lines = [ANSI.sub("", line).strip() for line in str(exc).splitlines() if line.strip()]
+        if lines and marker in lines[-1]:
+            return lines[-1].split(marker, 1)[1]
+    return _short(exc)
 
 
 def _short(exc: BaseException) -> str:

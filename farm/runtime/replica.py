@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
+import tempfile
+import traceback
 from typing import Any
 
 import ray
@@ -26,7 +29,10 @@ class Replica:
         self.name = name
         self.node_id = ray.get_runtime_context().get_node_id()
         self.node = f"{socket.gethostname()}:{self.node_id[:8]}"
-        self.processor = RowProcessor(job, replica=name, device=device)
+        try:
+            self.processor = RowProcessor(job, replica=name, device=device)
+        except Exception as exc:  # noqa: BLE001 - the loader's one line goes to the driver, the rest to a file
+            raise start_failure(name, self.node, exc) from None
 
     def info(self) -> dict[str, Any]:
         return {
@@ -52,6 +58,48 @@ class Replica:
 
     def stats(self) -> dict[str, float]:
         return self.processor.stats()
+
+
+class ReplicaStartError(RuntimeError):
+    """A replica could not load its model. The message is the loader's own line (``MissingWeightsFile: ...``) and
+    where the full traceback is; the pool shows it to the user as it is."""
+
+
+def start_failure(name: str, node: str, exc: BaseException) -> ReplicaStartError:
+    """Write ``exc``'s traceback to a log file on this node, send everything the dying process prints after it
+    there too (Ray's creation-task report, native abort dumps: otherwise forwarded to the driver's terminal), and
+    return the one-line error for the driver."""
+    path = _log_path(name)
+    try:
+        with open(path, "a") as fh:
+            traceback.print_exception(exc, file=fh)
+        _redirect_output(path)
+        where = f"full traceback in {path} on {node}"
+    except OSError as err:
+        where = f"no log file ({err})"
+    first = (str(exc).strip().splitlines() or [""])[0]
+    return ReplicaStartError(f"{type(exc).__name__}: {first} ({where})")
+
+
+def _log_path(name: str) -> str:
+    """Beside this worker's own Ray log (its stderr), else in the temp folder; not named ``worker*``, so Ray's log
+    monitor does not forward it to the driver."""
+    try:
+        folder = os.path.dirname(os.readlink("/proc/self/fd/2"))
+    except OSError:
+        folder = ""
+    if not folder or not os.path.isdir(folder):
+        folder = tempfile.gettempdir()
+    return os.path.join(folder, f"farm-{name}-{os.getpid()}.log")
+
+
+def _redirect_output(path: str) -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
 
 
 def _cuda_available() -> bool:
