@@ -135,7 +135,7 @@ def _check_protocols(uris: Sequence[tuple[str, Any]]) -> None:
         except ImportError as exc:
             raise UsageError(f"{where} {uri}: {_install_hint(exc) or exc}") from None
         except ValueError:
-            hint = did_you_mean(protocol, fsspec.available_protocols())
+            hint = did_you_mean(protocol, fsspec.available_protocols(), cutoff=0.5)  # short names: s4 -> s3
             raise UsageError(
                 f"{where} {uri}: unknown storage protocol {protocol + '://'!r}{hint}; give a local path or an fsspec "
                 "URI such as s3://bucket/key, gs://bucket/key, az://container/key, https://host/path"
@@ -177,12 +177,12 @@ def _load(args: argparse.Namespace, path: str | None = None):
 
 def cmd_run(args: argparse.Namespace) -> int:
     """One job, or a sweep: several jobs in turn on one Ray cluster (e.g. Lynx and the `still` ceiling)."""
-    from farm.runtime.driver import run_job
-
     paths = [args.job, *args.more_jobs]
     if len(paths) > 1 and args.output:
         raise UsageError("--output overrides one job's output; a sweep writes each job to its own output: drop it")
-    jobs = [_load(args, path) for path in paths]  # validate every spec before any GPU time
+    jobs = [_load(args, path) for path in paths]  # validate every spec before any GPU time (or Ray's import)
+    from farm.runtime.driver import run_job
+
     code = EXIT_OK
     for path, job in zip(paths, jobs):
         if len(jobs) > 1:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,6 +24,12 @@ class SpecError(ValueError):
     """A job spec problem; the message names the field and the bad value."""
 
 
+def did_you_mean(value: str, choices: Iterable[str], cutoff: float = 0.6) -> str:
+    """`` (did you mean 'x'?)`` when ``value`` is a near miss of one of ``choices``, else ``""``."""
+    close = difflib.get_close_matches(str(value), list(choices), n=1, cutoff=cutoff)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -37,6 +45,17 @@ class ModelSection(_Strict):
         default="auto", description="auto = bf16 on GPU, fp32 on CPU"
     )
     options: dict[str, Any] = Field(default_factory=dict, description="Backend-specific options")
+
+    @field_validator("backend")
+    @classmethod
+    def _known_backend(cls, value: str) -> str:
+        from farm.models import BACKENDS  # the registry only: no backend module is imported here
+
+        if value not in BACKENDS:
+            raise ValueError(
+                f"unknown backend {value!r}{did_you_mean(value, BACKENDS)}; choose one of {sorted(BACKENDS)}"
+            )
+        return value
 
     def to_spec(self, storage_options: dict[str, Any] | None = None) -> ModelSpec:
         return ModelSpec(
@@ -136,6 +155,18 @@ class Identity(_Strict):
 
 
 class Runtime(_Strict):
+    progress_every_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="When stderr is not a terminal (Ray Jobs, nohup, CI): a plain progress line this often, and at "
+        "each phase change",
+    )
+    heartbeat_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="How often a running job refreshes its _job.json entry (farm status reads it; a heartbeat older "
+        "than 3x this means the driver is gone)",
+    )
     verify_portraits: bool = Field(
         default=True,
         description="On a rerun, check that each committed row's portrait file still holds the bytes its video was "
@@ -243,13 +274,29 @@ def _format_errors(err: ValidationError, source: str) -> str:
     lines = [f"invalid job spec {source}:"]
     for item in err.errors():
         where = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        if item["type"] == "extra_forbidden":
+            lines.append(f"  {where}: {_unknown_key(item['loc'])}")
+            continue
         value = item.get("input")
         hidden = "storage_options" in item["loc"] or any(secrets.is_credential_key(p) for p in item["loc"])
         shown = ""
-        if not isinstance(value, dict):
+        if not isinstance(value, dict) and (hidden or repr(value) not in item["msg"]):
             shown = secrets.strip_userinfo(f" (got {REDACTED if hidden else value!r})")
-        lines.append(f"  {where}: {item['msg']}{shown}")
+        lines.append(f"  {where}: {item['msg'].removeprefix('Value error, ')}{shown}")
     return "\n".join(lines)
+
+
+def _unknown_key(loc: tuple[int | str, ...]) -> str:
+    """An unknown spec key, with the closest known key of its section (keys are checked: typos must not pass)."""
+    model: type[BaseModel] = JobSpec
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return "unknown key"
+        model = field.annotation
+    section = ".".join(str(p) for p in loc[:-1]) or "the top level"
+    hint = did_you_mean(str(loc[-1]), model.model_fields) or f"; the keys of {section} are {sorted(model.model_fields)}"
+    return f"unknown key{hint}; see schemas/job.schema.json"
 
 
 def parse_job(data: dict[str, Any], source: str = "<dict>") -> JobSpec:
@@ -267,11 +314,7 @@ def load_job(path: str | Path, overrides: dict[str, Any] | None = None) -> JobSp
     and write the same files. Under ``ray job submit --working-dir`` the current directory is Ray's temporary copy,
     deleted after the job: a relative ``output`` is refused there.
     """
-    text = Path(path).read_text()
-    try:
-        data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as exc:
-        raise SpecError(f"invalid YAML in {path}: {exc}") from None
+    data = _read_yaml(path)
     if not isinstance(data, dict):
         raise SpecError(f"invalid job spec {path}: expected a mapping at the top level, got {type(data).__name__}")
     for dotted, value in (overrides or {}).items():
@@ -284,6 +327,33 @@ def load_job(path: str | Path, overrides: dict[str, Any] | None = None) -> JobSp
         node[leaf] = value
     _absolute_paths(data, str(path))
     return parse_job(data, str(path))
+
+
+def _read_yaml(path: str | Path) -> Any:
+    """The spec file's YAML; a missing/unreadable file or a syntax error is a ``SpecError`` naming the file and line."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError(f"job spec {str(path)!r} not found: give the path of a YAML job spec (see jobs/)") from None
+    except IsADirectoryError:
+        raise SpecError(f"job spec {str(path)!r} is a directory: give the path of a YAML file in it") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError(f"job spec {str(path)!r} cannot be read as UTF-8 text: {exc}") from None
+    try:
+        return yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise SpecError(_yaml_error(path, exc)) from None
+
+
+def _yaml_error(path: str | Path, exc: yaml.YAMLError) -> str:
+    """``invalid YAML in job.yaml, line 3 column 5: <problem>``: the file's own position, not ``<unicode string>``.
+    No snippet of the line: it could hold a credential that never parsed, so no scrubber knows it."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f", line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+    problem = getattr(exc, "problem", None) or "syntax error"
+    context = getattr(exc, "context", None)
+    fix = "fix the syntax there (indentation, a missing ':' or space after it, an unclosed quote or bracket)"
+    return f"invalid YAML in {path}{where}: {problem}" + (f" ({context})" if context else "") + f"; {fix}"
 
 
 RAY_JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
