@@ -83,9 +83,13 @@ def _storage_pair(text: str) -> tuple[list[str], Any]:
     key, sep, value = text.partition("=")
     parts = key.strip().split(".")
     if not sep or not all(parts):
-        shown = f" {text!r}" if re.fullmatch(r"[a-z_][a-z0-9_.]*", text) else ""  # never echo what may be a secret
+        shown = "a value that is not key=value (not shown: it may hold a secret)"
+        if sep:  # a key is never a secret; its value may be
+            shown = f"the key {key!r} (a part before, between or after its dots is empty)"
+        elif re.fullmatch(r"[a-z_][a-z0-9_.]*", text):  # an option name without '=value'
+            shown = repr(text)
         raise argparse.ArgumentTypeError(
-            f"expects key=value, got{shown or ' a value'} without a key or '=' "
+            f"expects key=value with a non-empty key, got {shown} "
             "(e.g. --storage-option anon=true, --storage-option client_kwargs.endpoint_url=http://host:9000)"
         )
     return parts, value if secrets.is_credential_key(parts[-1]) else _typed(value)
@@ -95,12 +99,9 @@ def _typed(value: str) -> Any:
     """``true``/``false`` -> bool, ``10``/``2.5`` -> numbers (fsspec wants ``anon=False``, not the truthy "false")."""
     if value.lower() in ("true", "false"):
         return value.lower() == "true"
-    for kind in (int, float):
-        try:
-            return kind(value)
-        except ValueError:
-            pass
-    return value
+    if re.fullmatch(r"-?\d+", value):
+        return int(value)
+    return float(value) if re.fullmatch(r"-?\d+\.\d+", value) else value
 
 
 def _storage_options(pairs: Sequence[tuple[list[str], Any]] | None) -> dict[str, Any]:
@@ -329,7 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run a job, or several in turn (a sweep); rerun to resume")
     job_args(p)
     p.add_argument("more_jobs", nargs="*", metavar="JOB", help="more job specs, run in turn after the first")
-    p.add_argument("--replicas", type=_replicas, help="override resources.replicas (a number or 'all')")
+    p.add_argument(
+        "--replicas", type=_replicas, metavar="N|all", help="override resources.replicas (a number or 'all')"
+    )
     p.add_argument("--retry-failed", action="store_true", help="also rerun rows whose committed status is failed")
     p.add_argument(
         "--regenerate-changed",
@@ -357,7 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         p = sub.add_parser(name, help=helptext)
         p.add_argument("output", help="a job's output URI")
-        p.add_argument("--storage-option", action="append", type=_storage_pair, help=STORAGE_OPTION_HELP)
+        p.add_argument(
+            "--storage-option", action="append", type=_storage_pair, metavar="KEY=VALUE", help=STORAGE_OPTION_HELP
+        )
         if name == "results":
             p.add_argument("--format", choices=["table", "csv", "jsonl", "parquet"], default="table")
             p.add_argument("--to", help="write to this file/URI instead of printing")
@@ -366,7 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compact", help="publish OUT/results/ (one row per id) from the record log; runs do it too")
     p.add_argument("output", help="a job's output URI")
-    p.add_argument("--storage-option", action="append", type=_storage_pair, help=STORAGE_OPTION_HELP)
+    p.add_argument(
+        "--storage-option", action="append", type=_storage_pair, metavar="KEY=VALUE", help=STORAGE_OPTION_HELP
+    )
     p.set_defaults(func=cmd_compact)
 
     p = sub.add_parser("export", help="export videos + records as a dataset (WebDataset shards, HF, Parquet)")
@@ -375,12 +382,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", required=True, help="destination folder/URI (a rerun resumes)")
     p.add_argument("--where", help="filter over result columns, e.g. \"status = 'ok' AND identity_mean >= 0.6\"")
     p.add_argument("--shard-size", type=int, default=1000, help="rows per shard")
-    p.add_argument("--storage-option", action="append", type=_storage_pair, help=STORAGE_OPTION_HELP)
+    p.add_argument(
+        "--storage-option", action="append", type=_storage_pair, metavar="KEY=VALUE", help=STORAGE_OPTION_HELP
+    )
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("compare", help="identity metrics of several outputs side by side, joined by id")
     p.add_argument("outputs", nargs="+", help="job or score outputs (e.g. a Lynx job and its still baseline)")
-    p.add_argument("--storage-option", action="append", type=_storage_pair, help=STORAGE_OPTION_HELP)
+    p.add_argument(
+        "--storage-option", action="append", type=_storage_pair, metavar="KEY=VALUE", help=STORAGE_OPTION_HELP
+    )
     p.add_argument("--to", help="also write the per-id table (csv or parquet, by extension)")
     p.add_argument("--limit", type=int, default=20, help="per-id rows to print")
     p.set_defaults(func=cmd_compare)
@@ -395,7 +406,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers", type=int, default=2, help="worker processes scoring in parallel (each loads its recognizer)"
     )
     p.add_argument("--retry-failed", action="store_true", help="also rescore rows whose committed status is failed")
-    p.add_argument("--storage-option", action="append", type=_storage_pair, help=STORAGE_OPTION_HELP)
+    p.add_argument(
+        "--storage-option", action="append", type=_storage_pair, metavar="KEY=VALUE", help=STORAGE_OPTION_HELP
+    )
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_score)
 

@@ -82,6 +82,7 @@ CASES = [
     (["results", "{out}", "--format", "parquet"], EXIT_USAGE, ["--format parquet", "--to FILE"]),
     (["status", "{out}", "--storage-option", "anon"], EXIT_USAGE, ["--storage-option", "'anon'", "key=value"]),
     (["status", "{out}", "--storage-option", "Sekr3t:x"], EXIT_USAGE, ["--storage-option", "key=value"]),
+    (["status", "{out}", "--storage-option", "a..b=Sekr3t"], EXIT_USAGE, ["the key 'a..b'", "empty"]),
     (["status", "{out}", "--storage-option", "a=1", "--storage-option", "a.b=2"], EXIT_USAGE, ["a.b", "a was"]),
     (["status", "s4://bucket/out"], EXIT_USAGE, ["s4://bucket/out", "unknown storage protocol", "did you mean"]),
     pytest.param(["status", "gs://bucket/out"], EXIT_USAGE, ["gs://bucket/out", "pip install gcsfs"], marks=NO_GCSFS),
