@@ -151,13 +151,13 @@ def _install_hint(exc: BaseException) -> str | None:
     return f"needs the {found.group(1)} package, which is not installed: pip install {found.group(1)} ({exc})"
 
 
-def _outputs(args: argparse.Namespace, *uris: str, check: bool = True) -> dict[str, Any]:
-    """The command's storage options, after checking that each of ``uris`` is a job output (``check``)."""
+def _outputs(args: argparse.Namespace, *uris: str) -> dict[str, Any]:
+    """The command's storage options, after checking that each of ``uris`` is a job output."""
     from farm.report import check_output
 
     options = _storage_options(args.storage_option)
     _check_protocols([("output", u) for u in uris] + [("--to", getattr(args, "to", None))])
-    for uri in uris if check else ():
+    for uri in uris:
         check_output(uri, options)
     return options
 
@@ -235,7 +235,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from farm.report import status_text
 
-    _emit(status_text(args.output, _outputs(args, args.output, check=False)))
+    _emit(status_text(args.output, _outputs(args, args.output)))
     return EXIT_OK
 
 
