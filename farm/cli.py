@@ -536,7 +536,8 @@ def _missing_library(exc: Exception) -> tuple[int, str] | None:
             return EXIT_USAGE, f"error: {_uri_in(exc) or 'a storage URI'} {hint}"
     if isinstance(exc, ModuleNotFoundError) and exc.name:
         top = exc.name.split(".")[0]
-        return EXIT_USAGE, f"error: {exc}: this command needs {top!r}, which is not installed here: pip install {top}"
+        fix = f"install the package that provides it (usually pip install {top}) and rerun"
+        return EXIT_USAGE, f"error: {exc}: this command needs the {top!r} module, which is not installed here; {fix}"
     return None
 
 
