@@ -23,6 +23,8 @@ KNOWN_METRICS = (
     "identity_min",
     "identity_std",
     "identity_temporal_mean",
+    "identity_temporal_min",
+    "identity_facexlib_mean",
     "identity_distance_mean",
     "motion_mean",
     "motion_static",
@@ -43,7 +45,7 @@ def default_by(table: pa.Table) -> list[str]:
 
 
 def _is_metric_type(dtype: pa.DataType) -> bool:
-    """Numbers and booleans (a rate); an all-null column (no part wrote the metric yet) shows as n = 0."""
+    """Numbers and booleans (a rate); an all-null column (no part wrote the metric yet) shows as n = 0 when asked."""
     return any(
         test(dtype) for test in (pa.types.is_floating, pa.types.is_integer, pa.types.is_boolean, pa.types.is_null)
     )
@@ -51,10 +53,12 @@ def _is_metric_type(dtype: pa.DataType) -> bool:
 
 def metric_columns(table: pa.Table, metrics: Sequence[str] | None = None) -> list[str]:
     """The metrics to summarise: ``metrics`` as given (each must be a numeric or boolean column), else every column
-    of ``KNOWN_METRICS`` the table has with such a type."""
+    of ``KNOWN_METRICS`` the table has with such a type and at least one value (a metric never measured in this
+    output, e.g. ``identity_std`` with identity scoring off, would only add a column of nulls)."""
     if metrics is None:
         names = table.column_names
-        return [m for m in KNOWN_METRICS if m in names and _is_metric_type(table.schema.field(m).type)]
+        found = [m for m in KNOWN_METRICS if m in names and _is_metric_type(table.schema.field(m).type)]
+        return [m for m in found if table.column(m).null_count < table.num_rows]
     for name in metrics:
         if name not in table.column_names:
             raise ValueError(f"metric {name!r} is not a column of this output; its columns are {table.column_names}")

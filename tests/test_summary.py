@@ -33,8 +33,9 @@ def _sweep() -> pa.Table:
     for i, row in enumerate(rows):
         row["camera"] = "wide" if i % 2 else "close"
         row["model"] = "lynx"
-        row["motion_mean"] = None
-    return _table(rows)
+        row["motion_mean"] = 0.25 if row["config_id"] == "g7" else None  # measured in one config only
+    table = _table(rows)
+    return table.append_column("identity_std", pa.nulls(table.num_rows, pa.float64()))  # never measured
 
 
 def test_interval_contains_the_mean_and_is_deterministic() -> None:
@@ -77,7 +78,8 @@ def test_null_metrics_are_left_out_never_zero() -> None:
     assert g5["identity_mean_lo"] <= 0.7 <= g5["identity_mean_hi"]
     assert g7["identity_mean_mean"] == pytest.approx(0.4)  # the skipped row's 0.99 is not an ok row's value
     assert g7["identity_mean_n"] == 2
-    # a metric with no value anywhere: null mean and interval, n = 0
+    assert (g7["motion_mean_mean"], g7["motion_mean_n"]) == (0.25, 2)
+    # a group without values: null mean and interval, n = 0
     assert (g5["motion_mean_mean"], g5["motion_mean_lo"], g5["motion_mean_hi"], g5["motion_mean_n"]) == (
         None,
         None,
@@ -110,7 +112,10 @@ def test_metrics_are_found_generically_and_checked_when_given() -> None:
     table = (
         _sweep().append_column("clip_score", pa.array([0.3] * 8)).append_column("motion_static", pa.array([True] * 8))
     )
-    assert metric_columns(table) == ["identity_mean", "motion_mean", "motion_static", "clip_score"]
+    assert metric_columns(table) == ["identity_mean", "motion_mean", "motion_static", "clip_score"]  # no identity_std
+    assert metric_columns(table, ["identity_std"]) == ["identity_std"]  # asked for: shown, all null
+    never = summarize(table, metrics=["identity_std"], resamples=50).to_pylist()
+    assert [(r["identity_std_mean"], r["identity_std_n"]) for r in never] == [(None, 0), (None, 0)]
     assert metric_columns(table, ["clip_score"]) == ["clip_score"]
     with pytest.raises(ValueError, match="'clip_scor' is not a column"):
         metric_columns(table, ["clip_scor"])
