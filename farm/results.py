@@ -100,6 +100,7 @@ class ResultWriter:
         self.run_seq = run_seq
         self.buffer: list[Record] = []
         self.seq = 0
+        self.last_commit_at: str | None = None  # when the last part was committed (the heartbeat shows it)
         self.last_flush = time.monotonic()
 
     def add(self, record: Record) -> None:
@@ -127,3 +128,4 @@ class ResultWriter:
         write_part(self.layout, self.run_seq, self.run_id, self.seq, self.buffer, self.schema)
         self.seq += 1
         self.buffer = []
+        self.last_commit_at = now.isoformat()

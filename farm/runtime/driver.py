@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
-from tqdm import tqdm
 
 from farm import __version__, results, resume, secrets, table
 from farm.config import JobSpec, SpecError
@@ -29,13 +28,16 @@ from farm.fingerprints import metrics_config
 from farm.lease import LeaseLost, OutputLease
 from farm.manifest import Manifest, ManifestError, RowDefaults, RowState, plan_rows, resolve_row
 from farm.models import build_backend
+from farm.preflight import estimate_for, preflight
 from farm.publish import publish
 from farm.recording import RecordMaker, scrubbed
 from farm.records import ErrorCode, InfraError, Outcome, Record, RowError, Status
 from farm.resume import ResumePlan
 from farm.runtime import cluster
 from farm.runtime.errors import JobAborted
+from farm.runtime.metrics import FarmMetrics
 from farm.runtime.pool import Ask, Done, Dropped, Lost, Paused, Ready, ReplicaPool
+from farm.runtime.progress import ProgressReporter, Snapshot, as_dict
 from farm.runtime.scheduler import Final, Loss, Scheduler, Task
 from farm.storage import OutputLayout, is_local
 from farm.worker import row_defaults
@@ -105,7 +107,12 @@ class Driver:
         self.resume = ResumePlan()
         self.defaults: RowDefaults | None = None
         self.model_name: str = ""
-        self.bar: tqdm | None = None
+        self.writer: results.ResultWriter | None = None
+        self.reporter: ProgressReporter | None = None
+        self.metrics: FarmMetrics | None = None
+        self.phase = "starting"
+        self.total_rows = 0
+        self._last_heartbeat = -math.inf
         self.started = time.monotonic()
         self.run_id = ""
         self.run_seq = 0
@@ -166,6 +173,8 @@ class Driver:
 
     def _commit(self, record: Record) -> None:
         record = scrubbed(record)
+        if self.metrics is not None:
+            self.metrics.record(record)
         self.counts[record.status] += 1
         if record.error_code:
             self.counts[f"failed:{record.error_code}"] += 1
@@ -202,22 +211,38 @@ class Driver:
             self._commit(self.maker.failed(task.row, task.request, task.dispatches, final.code, final.message))
 
     def _tick(self) -> None:
-        if self.bar is None:
-            return
-        self.bar.update(1)
-        self._postfix()
+        if self.reporter is not None:
+            self.reporter.show(self._snapshot())
 
-    def _postfix(self) -> None:
-        if self.bar is None:
-            return
-        replicas = f"{len(self.pool.ready)}/{self.pool.target}" if self.pool else "-"
-        self.bar.set_postfix(
-            ok=self.counts[Status.OK.value],
-            failed=self.counts[Status.FAILED.value],
-            skipped=self.counts[Status.SKIPPED.value],
-            replicas=replicas,
-            refresh=False,
+    def _snapshot(self) -> Snapshot:
+        pool, scheduler = self.pool, self.scheduler
+        phase = self.phase
+        if phase == "running" and pool is not None and not pool.ready:
+            phase = "waiting for replicas"
+        return Snapshot(
+            total=self.total_rows,
+            already_committed=self.already_committed,
+            counts=self.counts,
+            replicas_ready=len(pool.ready) if pool else 0,
+            replicas_wanted=pool.target if pool else 0,
+            replicas_pending=len(pool.handles) - len(pool.ready) if pool else 0,
+            in_flight=scheduler.busy if scheduler else 0,
+            phase=phase,
         )
+
+    def _heartbeat_due(self) -> None:
+        """Every ``runtime.heartbeat_s``: ``_job.json``'s run entry says where the run stands (``farm status``)."""
+        now = time.monotonic()
+        if now - self._last_heartbeat < self.job.runtime.heartbeat_s:
+            return
+        self._last_heartbeat = now
+        snap = self._snapshot()
+        if self.metrics is not None:
+            self.metrics.state(snap.replicas_ready, snap.replicas_pending, snap.replicas_wanted, snap.in_flight)
+        try:
+            self._write_job_json(status="running")
+        except InfraError as exc:  # a missed heartbeat is not worth stopping the run for
+            log.warning("could not write the heartbeat to %s: %s", self.layout.job_json, exc)
 
     def _payload(self, task: Task) -> dict[str, Any]:
         portrait = task.row["portrait"]
@@ -314,13 +339,14 @@ class Driver:
         if state != self._last_state:
             self._last_state = state
             log.info("%s", state)
-        self._postfix()
+        self._tick()
 
     # ------------------------------------------------------------------ main
     def run(self) -> RunSummary:
         start = self.started = time.monotonic()
         job = self.job
         manifest = Manifest(job.manifest, job.storage_options)
+        self.total_rows = manifest.num_rows
         defaults = self.defaults = row_defaults(job)
         self.extra_columns = manifest.extra_columns
         schema = results.result_schema(pa.schema([manifest.schema.field(c) for c in self.extra_columns]))
@@ -336,6 +362,7 @@ class Driver:
         self.model_name = backend.describe()
         self.maker = RecordMaker(self.model_name, backend.output_config(), metrics_config(job), self.extra_columns)
         embedded = cluster.connect(self.address)
+        self.metrics = FarmMetrics(job.name, self.run_id)
         self._check_output_reachable(embedded)
         self.lease.acquire()
         try:
@@ -354,10 +381,10 @@ class Driver:
             clock=time.monotonic,
         )
         self.pool.reconcile()
+        self.phase = "running"
         self._write_job_json(status="running")
-        self.bar = tqdm(
-            total=manifest.num_rows, unit="row", disable=not self.progress, mininterval=0.5, dynamic_ncols=True
-        )
+        self.reporter = ProgressReporter(manifest.num_rows, self.progress, job.runtime.progress_every_s)
+        self._tick()
         previous = signal.getsignal(signal.SIGTERM)
         if previous is not None and _in_main_thread():
             signal.signal(signal.SIGTERM, _raise_interrupt)
@@ -385,8 +412,6 @@ class Driver:
             log.error("%s", unsaved)
         busy = _busy_fraction(self.pool.stats())
         self.pool.shutdown()
-        if self.bar is not None:
-            self.bar.close()
         summary = RunSummary(
             run_id=self.run_id,
             counts=self.counts,
@@ -399,8 +424,12 @@ class Driver:
             first_dispatch_s=self.first_dispatch_s,
         )
         if self.lease.lost is None:
+            self._show_phase("publishing")
             self._publish()
             self._write_job_json(status=status, summary=summary)
+        self._show_phase(status)
+        if self.reporter is not None:
+            self.reporter.close()
         try:
             self.lease.release()
         except Exception as exc:  # noqa: BLE001 - the work is committed; the lease just expires after its ttl
@@ -427,6 +456,7 @@ class Driver:
                 self._on_event(event)
             self._kill_late()
             self._commit_due()
+            self._heartbeat_due()
 
     def _plan_resume(self, manifest: Manifest, defaults: RowDefaults, schema: pa.Schema) -> set[str]:
         """Under the lease, before any replica starts: this run's sequence number, the carried columns' types
@@ -440,6 +470,7 @@ class Driver:
         self.resume = resume.plan_resume(
             context, self.retry_failed, self.regenerate_changed, self.rescore_changed, job.runtime.verify_portraits
         )
+        self._preflight(manifest.num_rows - len(self.resume.keep))
         for line in self.resume.changes:
             log.info("changed since the committed rows: %s", line)
         if self.resume.removed:
@@ -459,9 +490,22 @@ class Driver:
         )
         return self.resume.keep
 
+    def _preflight(self, rows_to_make: int) -> None:
+        """Before any replica starts: the weights, the output and the portrait locations (``farm.preflight``, the
+        checks ``farm validate`` makes); a blocking finding stops the run as a spec error, nothing started."""
+        report = preflight(self.job, estimate=estimate_for(self.job, rows=rows_to_make))
+        log.info("%s", report.render())
+        if not report.ok:
+            blocking = "\n".join(f"  {f.message}" for f in report.findings if f.blocking)
+            raise SpecError(f"pre-flight found what would fail on the replicas (nothing was started):\n{blocking}")
+
     def _recorded_run_seq(self) -> int:
         runs = self.layout.read_json(self.layout.job_json).get("runs", [])
         return max((int(r.get("run_seq") or 0) for r in runs), default=0)
+
+    def _show_phase(self, phase: str) -> None:
+        self.phase = phase
+        self._tick()
 
     def _publish(self) -> None:
         """Compact the log into the published table (``<out>/results/``) while this run still holds the lease; a
@@ -500,6 +544,10 @@ class Driver:
                 "metrics_config": json.loads(self.maker.metrics_config),
                 "model_fingerprint": self.fingerprint,
                 "resume": self.resume.as_dict(),
+                "heartbeat_at": _utcnow().isoformat(),
+                "heartbeat_every_s": self.job.runtime.heartbeat_s,
+                "last_commit_at": self.writer.last_commit_at if self.writer else None,
+                "progress": as_dict(self._snapshot(), time.monotonic() - self.started),
                 **(summary.as_dict() if summary else {}),
             }
         )

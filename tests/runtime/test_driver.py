@@ -224,18 +224,24 @@ def storage_path(uri: str) -> str:
 
 
 def test_backend_that_cannot_load_aborts_naming_the_problem(tmp_path: Path) -> None:
+    """A pack path that does not exist is found by the pre-flight: a spec error before any replica starts. One that
+    exists but is no pack fails on the replicas: the job aborts with the loader's own message."""
+    from farm.config import SpecError
     from farm.runtime.errors import JobAborted
 
-    missing_pack = tmp_path / "no-such-pack"
     manifest = write_manifest(tmp_path / "m.parquet", rows(2))
-    job = still_job(
-        manifest,
-        str(tmp_path / "out"),
-        resources={"replicas": 1, **FAST},
-        model={"backend": "still", "options": {"recognizer": "insightface", "pack": str(missing_pack)}},
-    )
-    with pytest.raises(JobAborted, match="no-such-pack"):
-        run_job(job, progress=False)
+
+    def job(pack: Path):
+        options = {"recognizer": "insightface", "pack": str(pack)}
+        return still_job(manifest, str(tmp_path / "out"), resources={"replicas": 1, **FAST}, model={"options": options})
+
+    with pytest.raises(SpecError, match="no-such-pack"):
+        run_job(job(tmp_path / "no-such-pack"), progress=False)
+    assert not (tmp_path / "out" / "_job.json").exists()  # refused before any replica started
+    empty = tmp_path / "empty-pack"
+    empty.mkdir()
+    with pytest.raises(JobAborted, match="empty-pack"):
+        run_job(job(empty), progress=False)
     meta = json.loads((tmp_path / "out" / "_job.json").read_text())
     assert meta["runs"][-1]["status"] == "aborted"
 
@@ -266,8 +272,8 @@ def test_cli_sweep_runs_jobs_in_turn(tmp_path: Path, capsys: pytest.CaptureFixtu
         job = still_job(manifest, str(tmp_path / name), resources={"replicas": 1, **FAST})
         spec.write_text(yaml.safe_dump(job.model_dump(mode="json")))
         specs.append(str(spec))
-    with pytest.raises(SystemExit, match="sweep"):
-        main(["run", *specs, "--output", str(tmp_path / "x")])
+    assert main(["run", *specs, "--output", str(tmp_path / "x")]) == 2  # a usage error, before anything runs
+    assert "sweep" in capsys.readouterr().err
     assert main(["run", *specs, "--no-progress"]) == 0
     for name in ("a", "b"):
         assert len(_records(str(tmp_path / name))) == 2
