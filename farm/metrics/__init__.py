@@ -39,6 +39,7 @@ class Metric(ABC):
     name: ClassVar[str]
     columns: ClassVar[dict[str, pa.DataType]]  # every column ``score`` returns, with its Arrow type
     device: ClassVar[str] = "cpu"  # where it runs best: "cpu" or "gpu" (the runtime maps it onto resources)
+    uses_portrait: ClassVar[bool] = False  # whether ``score`` reads the portrait (else the caller may pass None)
     weights: str | None = None  # what it loads (a file, folder or URI the user gives); None: nothing
 
     @property

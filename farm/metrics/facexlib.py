@@ -44,6 +44,7 @@ class FacexlibIdentityMetric(Metric):
 
     name = "identity_facexlib"
     device = "gpu"
+    uses_portrait = True
     columns: ClassVar[dict[str, pa.DataType]] = {
         "identity_facexlib_mean": pa.float64(),
         "identity_facexlib_min": pa.float64(),

@@ -30,6 +30,7 @@ class IdentityMetric(Metric):
     """An adapter over a ``Recognizer`` (dlib by default; ``insightface`` with a ``pack``)."""
 
     name = "identity"
+    uses_portrait = True
     columns: ClassVar[dict[str, pa.DataType]] = {**{f.name: f.type for f in METRIC_FIELDS}, **TEMPORAL_COLUMNS}
 
     def __init__(
@@ -50,9 +51,15 @@ class IdentityMetric(Metric):
         self.recognizer: Recognizer | None = None
 
     @classmethod
-    def from_recognizer(cls, recognizer: Recognizer, frames: int = DEFAULT_FRAMES) -> IdentityMetric:
-        """Wrap a recognizer the caller already built (the worker's ``identity`` section)."""
-        metric = cls(recognizer=recognizer.kind, frames=frames)
+    def from_recognizer(
+        cls,
+        recognizer: Recognizer,
+        frames: int = DEFAULT_FRAMES,
+        strict: bool = False,
+        min_face_size: float = DEFAULT_MIN_FACE_SIZE,
+    ) -> IdentityMetric:
+        """Wrap a recognizer the caller already built (the worker's ``identity`` section and its portrait rules)."""
+        metric = cls(recognizer=recognizer.kind, frames=frames, strict=strict, min_face_size=min_face_size)
         metric.recognizer = recognizer
         return metric
 

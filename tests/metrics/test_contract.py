@@ -139,3 +139,8 @@ def test_building_loads_no_weights_and_importing_loads_no_frameworks(tmp_path) -
     code = "import sys, farm.metrics; print(' '.join(sorted(m.split('.')[0] for m in sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
     assert not {"torch", "transformers", "cv2", "ray"} & set(out.split())
+
+
+def test_portrait_users_are_declared(all_metrics: list[Metric]) -> None:
+    """The worker keeps decoded portraits only when a metric reads them."""
+    assert {m.name for m in all_metrics if m.uses_portrait} == {"identity", "identity_facexlib"}
