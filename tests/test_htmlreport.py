@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -165,3 +166,28 @@ def test_report_screenshot_is_not_blank(report: tuple[Path, dict[str, Any]], tmp
     pixels = np.asarray(Image.open(shot).convert("RGB"))
     assert pixels.shape[:2] == (2400, 1280)
     assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 200  # text, plots and thumbnails, not one colour
+
+
+def test_report_and_summary_import_neither_ray_nor_torch() -> None:
+    code = "import sys, farm.htmlreport, farm.summary; print(' '.join(sorted(m.split('.')[0] for m in sys.modules)))"
+    loaded = set(
+        subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout.split()
+    )
+    assert not loaded & {"ray", "torch"}
+
+
+def test_contact_sheet_sample_is_stratified_capped_and_deterministic() -> None:
+    from farm.htmlreport.picks import stratified
+
+    sizes = {"a": 100, "b": 5, "c": 50}
+    rows = [
+        {"id": f"{c}{i:03d}", "status": "ok", "video": "v.mp4", "config_id": c}
+        for c, n in sizes.items()
+        for i in range(n)
+    ]
+    rows.append({"id": "x", "status": "failed", "video": None, "config_id": "a"})
+    picked = stratified(rows, ["config_id"], 30, seed=0)
+    assert {label: len(r) for label, r in picked.items()} == {"a": 13, "b": 5, "c": 12}
+    assert all(r["status"] == "ok" for group in picked.values() for r in group)
+    assert picked == stratified(rows, ["config_id"], 30, seed=0)
+    assert [r["id"] for r in picked["a"]] == sorted(r["id"] for r in picked["a"])
