@@ -84,3 +84,15 @@ def test_wraps_a_recognizer_the_worker_already_has(identity: IdentityMetric, ast
 def test_score_before_setup_says_so() -> None:
     with pytest.raises(RuntimeError, match="call setup"):
         IdentityMetric().score(np.zeros((2, 8, 8, 3), np.uint8), None, "")
+
+
+def test_insightface_recognizer_through_the_spec(tmp_path, astronaut, same_person) -> None:
+    from farm.identity.tiny_pack import write_tiny_insightface_pack
+    from farm.metrics import build_metric
+
+    pack = write_tiny_insightface_pack(tmp_path / "pack", seed=0)
+    metric = build_metric({"name": "identity", "recognizer": "insightface", "pack": str(pack), "frames": 3})
+    metric.setup("cpu")
+    m = metric.score(same_person, astronaut, "")
+    assert set(m) == set(metric.columns) and m["identity_model"].startswith("insightface:")
+    assert m["identity_distance_mean"] is None  # only dlib reports a calibrated distance

@@ -61,3 +61,8 @@ def test_threshold_and_width_are_in_the_fingerprint() -> None:
     assert MotionMetric(width=256).fingerprint() != MotionMetric(width=128).fingerprint()
     with pytest.raises(ValueError, match="static_below=-1"):
         MotionMetric(static_below=-1)
+
+
+def test_pinned_value(motion: MotionMetric) -> None:
+    """An OpenCV or parameter change that moves the numbers fails here (and shows in ``motion_model``)."""
+    assert motion.score(moving_square(9, speed=2), None, "")["motion_mean"] == pytest.approx(1.6132, abs=2e-3)
