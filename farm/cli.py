@@ -226,16 +226,20 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from farm.validate import validate_job
 
     job = _load(args)
-    report = validate_job(job, check_portraits=args.check_portraits or None)
+    report = validate_job(job, check_portraits=args.check_portraits or None, deep=args.deep)
     _emit(f"job spec {args.job}: ok ({job.model.backend}{' ' + job.model.variant if job.model.variant else ''})")
     _emit(report.render())
     return EXIT_OK if report.ok else EXIT_INVALID
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from farm.report import status_text
+    from farm.report import status_dict, status_text
 
-    _emit(status_text(args.output, _outputs(args, args.output)))
+    options = _outputs(args, args.output)
+    if args.json:
+        _emit(json.dumps(status_dict(args.output, options), indent=2, default=str))
+    else:
+        _emit(status_text(args.output, options))
     return EXIT_OK
 
 
@@ -352,6 +356,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("validate", help="check a job spec and its whole manifest, no GPU time")
     job_args(p)
     p.add_argument("--check-portraits", action="store_true", help="also open every portrait")
+    p.add_argument(
+        "--deep",
+        action="store_true",
+        help="pre-flight: also read every safetensors header and check the adapter's layers against model.variant "
+        "(range reads, no model load)",
+    )
     p.set_defaults(func=cmd_validate)
 
     for name, func, helptext in (
@@ -363,6 +373,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--storage-option", action="append", type=_storage_pair, metavar="KEY=VALUE", help=STORAGE_OPTION_HELP
         )
+        if name == "status":
+            p.add_argument(
+                "--json", action="store_true", help="the same as JSON (a live run's progress, stale heartbeat)"
+            )
         if name == "results":
             p.add_argument("--format", choices=["table", "csv", "jsonl", "parquet"], default="table")
             p.add_argument("--to", help="write to this file/URI instead of printing")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import io
 import json
 import os
@@ -43,45 +44,92 @@ def check_output(output: str, storage_options: dict[str, Any] | None = None) -> 
         )
 
 
-def status_text(output: str, storage_options: dict[str, Any] | None = None) -> str:
-    """Counts by status and error code, runs, the lease and any damaged parts; no secret reaches the text."""
+STALE_AFTER_BEATS = 3  # a running run whose heartbeat is older than this many intervals: its driver is gone
+
+
+def status_dict(output: str, storage_options: dict[str, Any] | None = None, now: float | None = None) -> dict[str, Any]:
+    """Where an output stands (``farm status OUT --json``): records by status and error code, mean timings, every
+    run (a running one with its live progress, and ``stale`` when its heartbeat stopped: the driver died), the
+    lease and any damaged log parts. No secret reaches it."""
     secrets.remember({"storage_options": storage_options or {}})
+    now = time.time() if now is None else now
     layout = OutputLayout(output, storage_options)
     damaged: list[DamagedPart] = []
-    table = read_results(layout, ["status", "error_code", "generate_s", "total_s", "committed_at"], damaged)
+    table = read_results(layout, ["status", "error_code", "generate_s", "total_s"], damaged)
     meta = layout.read_json(layout.job_json)
-    lines = [f"output: {output}"]
-    if meta:
-        model = meta.get("model", {})
-        lines.append(
-            f"job: {meta.get('name')}  model: {model.get('description')}  fingerprint: {model.get('fingerprint')}"
-        )
-    lines.append(f"records: {table.num_rows}")
-    if table.num_rows:
-        for status, count in _counts(table.column("status")):
-            lines.append(f"  {status:<10} {count}")
-        codes = table.filter(pc.is_valid(table.column("error_code")))
-        for code, count in _counts(codes.column("error_code")):
-            lines.append(f"    {code:<22} {count}")
-        ok = table.filter(pc.equal(table.column("status"), "ok"))
-        if ok.num_rows:
-            means = {name: pc.mean(ok.column(name)).as_py() for name in ("generate_s", "total_s")}
-            lines.append("  ".join(f"{k} mean: {'-' if v is None else f'{v:.3f}'}" for k, v in means.items()))
-    for run in meta.get("runs", []):
-        elapsed = run.get("elapsed_s")
-        done = sum(v for k, v in run.get("counts", {}).items() if ":" not in k)
-        rate = f"{done / elapsed * 3600:.0f} rows/h" if elapsed else "-"
-        lines.append(
-            f"run {run.get('run_id')}: {run.get('status')}  rows: {done}  elapsed: {elapsed}s  {rate}  "
-            f"replicas: {run.get('replicas')}  restarts: {run.get('replica_restarts')}"
-        )
+    ok = table.filter(pc.equal(table.column("status"), "ok"))
+    codes = table.filter(pc.is_valid(table.column("error_code")))
     holder = OutputLease(layout, storage_options, run_id="farm-status").read()
-    if holder:
-        lines.append(f"lease: {describe_holder(holder, time.time())}")
-    if damaged:
-        lines.append(f"damaged parts: {len(damaged)} (skipped; their rows count as not committed)")
-        lines.extend(f"  {d.uri}: {d.reason}" for d in damaged)
-    return secrets.scrub("\n".join(lines))
+    out = {
+        "output": output,
+        "job": meta.get("name"),
+        "model": meta.get("model", {}),
+        "records": table.num_rows,
+        "by_status": dict(_counts(table.column("status"))),
+        "by_error_code": dict(_counts(codes.column("error_code"))),
+        "mean_s": {
+            name: pc.mean(ok.column(name)).as_py() if ok.num_rows else None for name in ("generate_s", "total_s")
+        },
+        "runs": [_run_state(run, now) for run in meta.get("runs", [])],
+        "lease": {"holder": holder, "text": describe_holder(holder, now)} if holder else None,
+        "damaged_parts": [{"uri": d.uri, "reason": d.reason} for d in damaged],
+    }
+    return json.loads(secrets.scrub(json.dumps(secrets.redact_spec(out), default=str)))
+
+
+def _run_state(run: dict[str, Any], now: float) -> dict[str, Any]:
+    """A ``_job.json`` run entry, without its spec, with ``heartbeat_age_s`` and ``stale`` for a running one."""
+    state = {k: v for k, v in run.items() if k not in ("spec", "model_config", "metrics_config", "resolved_defaults")}
+    beat, every = run.get("heartbeat_at"), run.get("heartbeat_every_s")
+    if run.get("status") == "running" and beat and every:
+        age = now - dt.datetime.fromisoformat(beat).timestamp()
+        state.update(heartbeat_age_s=round(age, 1), stale=age > STALE_AFTER_BEATS * float(every))
+    return state
+
+
+def status_text(output: str, storage_options: dict[str, Any] | None = None) -> str:
+    """``farm status OUT``: ``status_dict`` in lines."""
+    state = status_dict(output, storage_options)
+    lines = [f"output: {output}"]
+    if state["job"]:
+        model = state["model"]
+        lines.append(f"job: {state['job']}  model: {model.get('description')}  fingerprint: {model.get('fingerprint')}")
+    lines.append(f"records: {state['records']}")
+    lines.extend(f"  {status:<10} {count}" for status, count in state["by_status"].items())
+    lines.extend(f"    {code:<22} {count}" for code, count in state["by_error_code"].items())
+    if state["by_status"].get("ok"):
+        lines.append("  ".join(f"{k} mean: {'-' if v is None else f'{v:.3f}'}" for k, v in state["mean_s"].items()))
+    lines.extend(_run_line(run) for run in state["runs"])
+    if state["lease"]:
+        lines.append(f"lease: {state['lease']['text']}")
+    if state["damaged_parts"]:
+        lines.append(f"damaged parts: {len(state['damaged_parts'])} (skipped; their rows count as not committed)")
+        lines.extend(f"  {d['uri']}: {d['reason']}" for d in state["damaged_parts"])
+    return "\n".join(lines)
+
+
+def _run_line(run: dict[str, Any]) -> str:
+    head = f"run {run.get('run_id')} (#{run.get('run_seq')}): {run.get('status')}"
+    live = run.get("progress") or {}
+    if run.get("status") == "running":
+        if run.get("stale"):
+            return (
+                f"{head} but its heartbeat stopped {run['heartbeat_age_s']:.0f}s ago (the driver is gone): rerun the "
+                "same command to resume"
+            )
+        eta = live.get("eta_s")
+        return (
+            f"{head}  rows: {live.get('rows_done')}/{live.get('rows_total')}  rate: {live.get('rows_per_s')} rows/s  "
+            f"ETA: {'-' if eta is None else f'{eta:.0f}s'}  replicas: {live.get('replicas')}  "
+            f"last commit: {run.get('last_commit_at')}  heartbeat: {run.get('heartbeat_age_s')}s ago"
+        )
+    elapsed = run.get("elapsed_s")
+    done = sum(v for k, v in run.get("counts", {}).items() if ":" not in k)
+    rate = f"{done / elapsed * 3600:.0f} rows/h" if elapsed else "-"
+    return (
+        f"{head}  rows: {done}  elapsed: {elapsed}s  {rate}  replicas: {run.get('replicas')}  "
+        f"restarts: {run.get('replica_restarts')}"
+    )
 
 
 def _counts(column: pa.ChunkedArray) -> list[tuple[str, int]]:

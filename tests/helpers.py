@@ -48,12 +48,12 @@ def still_job(manifest: str, output: str, **sections: Any) -> JobSpec:
     return parse_job(data)
 
 
-def farm_run_process(spec: str | Path, address: str) -> subprocess.Popen:
+def farm_run_process(spec: str | Path, address: str, progress: bool = False) -> subprocess.Popen:
     """`farm run SPEC` as its own process joined to the Ray cluster at ``address`` (as under ``ray job submit``);
-    stdout and stderr together, as text."""
+    stdout and stderr together, as text (not a terminal: with ``progress``, plain progress lines)."""
     env = {**os.environ, "RAY_ADDRESS": address}
     return subprocess.Popen(
-        [sys.executable, "-m", "farm.cli", "run", str(spec), "--no-progress"],
+        [sys.executable, "-m", "farm.cli", "run", str(spec), *([] if progress else ["--no-progress"])],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

@@ -109,3 +109,65 @@ def _wait_for_live_heartbeat(path: Path, worker: threading.Thread) -> dict[str, 
             return run
         time.sleep(0.05)
     raise AssertionError("the run finished before a live heartbeat with rows done was seen")
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_status_json_of_a_live_run_then_of_a_killed_driver(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``farm status OUT --json`` describes a run in progress from its heartbeat; after its driver is killed the
+    heartbeat goes stale and status says so (and how to resume), instead of showing a run that looks alive."""
+    import os
+    import signal
+
+    import ray
+    import yaml
+
+    from farm.cli import main
+    from tests.helpers import farm_run_process
+
+    manifest = write_manifest(tmp_path / "m.parquet", rows(40))
+    out = tmp_path / "out"
+    delays = {f"row-{i:03d}": 0.4 for i in range(40)}
+    job = still_job(
+        manifest,
+        str(out),
+        name="watched",
+        resources={"replicas": 1, "cpus_per_replica": 0.25},
+        runtime={
+            "heartbeat_s": 0.5,
+            "progress_every_s": 0.5,
+            "commit_every_rows": 2,
+            "inject_faults": {"delay": delays},
+        },
+    )
+    spec = tmp_path / "job.yaml"
+    spec.write_text(yaml.safe_dump(job.model_dump(mode="json")))
+    driver = farm_run_process(spec, ray.get_runtime_context().gcs_address, progress=True)
+    try:
+        live = _poll_status(out, capsys, lambda run: run.get("progress", {}).get("rows_done", 0) > 0, driver)
+        assert live["status"] == "running" and live["stale"] is False and live["progress"]["rows_total"] == 40
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait(30)
+        dead = _poll_status(out, capsys, lambda run: run.get("stale"), None)
+        assert dead["status"] == "running" and dead["heartbeat_age_s"] >= 1.5
+        assert main(["status", str(out)]) == 0
+        assert "heartbeat stopped" in capsys.readouterr().out
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+        output = driver.stdout.read() if driver.stdout else ""
+    assert "progress: rows" in output  # the plain lines a non-terminal stderr gets
+
+
+def _poll_status(out: Path, capsys: pytest.CaptureFixture[str], ready: Any, proc: Any) -> dict[str, Any]:
+    from farm.cli import main
+
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        if (out / "_job.json").exists():
+            assert main(["status", str(out), "--json"]) == 0
+            runs = json.loads(capsys.readouterr().out)["runs"]
+            if runs and runs[-1]["status"] == "running" and ready(runs[-1]):
+                return runs[-1]
+        assert proc is None or proc.poll() is None, "the run ended before the state was seen"
+        time.sleep(0.2)
+    raise AssertionError("status never showed the expected state")
