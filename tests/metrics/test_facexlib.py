@@ -1,7 +1,7 @@
 """identity_facexlib with a tiny random IR-SE ArcFace in the official file layout: shapes, determinism, nulls.
 
 With random weights the similarities mean nothing (same person > other person is not expected): only the plumbing is
-checked here; the real file's numbers are checked against the official code in tests/models (fidelity).
+checked here; the embedder itself is checked against facexlib in tests/models/test_lynx_arcface.py.
 """
 
 from __future__ import annotations
