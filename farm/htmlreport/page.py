@@ -16,11 +16,12 @@ h1{font-size:20px;margin:12px 0 4px}h2{font-size:17px;margin:28px 0 8px}h3{font-
 table{border-collapse:collapse;font-variant-numeric:tabular-nums}
 th,td{border:1px solid #ddd;padding:3px 7px;text-align:left;vertical-align:top}th{background:#f3f3f3}
 .note{color:#555}.warn{color:#a40;font-size:12px}
-.cards{display:flex;flex-wrap:wrap;gap:10px}
-.card{margin:0;border:1px solid #ddd;border-radius:4px;padding:6px;max-width:min(100%,760px);display:flex;
-flex-wrap:wrap;gap:4px;align-items:flex-start}
-.card figcaption{flex-basis:100%;font-size:12px}.prompt{color:#444;overflow-wrap:anywhere}
-.strip{display:flex;gap:2px}img.frame,img.portrait{display:block}
+.cards{display:block}
+.card{display:inline-block;vertical-align:top;margin:0 8px 8px 0;border:1px solid #ddd;border-radius:4px;padding:6px;
+min-width:300px;max-width:calc(100% - 24px)}
+.pics{display:flex;gap:4px;align-items:flex-start}.strip{display:flex;gap:2px;align-items:flex-start}
+img.frame,img.portrait{display:block;flex:none;width:auto;height:auto;max-width:144px;max-height:96px}
+.card figcaption{width:0;min-width:100%;font-size:12px;margin-top:4px}.prompt{color:#444;overflow-wrap:anywhere}
 .ph{display:inline-block;width:96px;height:64px;background:repeating-linear-gradient(45deg,#eee,#eee 6px,#ddd 6px,
 #ddd 12px);color:#777;font-size:11px;text-align:center;line-height:64px}
 details.sheet{margin:8px 0}details.sheet>summary{cursor:pointer;font-weight:600}

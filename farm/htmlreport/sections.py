@@ -73,15 +73,17 @@ def _metric_line(row: Row) -> str:
 def card(row: Row, thumbs: Thumbs | None, by: Sequence[str]) -> str:
     """A contact-sheet card: portrait, the frame strip, id, config, identity and prompt; notes for what is missing."""
     thumbs = thumbs or Thumbs(notes=["not sampled"])
-    frames = "".join(_img(f, f"frame {i}", "frame") for i, f in enumerate(thumbs.frames)) or _img(
-        None, "video", "frame"
+    frames = "".join(_img(f, f"frame {i}", "frame") for i, f in enumerate(thumbs.frames))
+    pictures = (
+        _img(thumbs.portrait, "portrait", "portrait")
+        + f'<div class="strip">{frames or _img(None, "video", "frame")}</div>'
     )
     notes = "".join(f'<div class="warn">{esc(n)}</div>' for n in thumbs.notes)
+    caption = f"<b>{esc(row['id'])}</b> · {esc(group_label(row, by))} · {esc(_metric_line(row))}"
+    prompt = f'<div class="prompt" title="{esc(row.get("prompt"))}">{esc(row.get("prompt"), PROMPT_CHARS)}</div>'
     return (
-        f'<figure class="card" data-id="{esc(row["id"])}">{_img(thumbs.portrait, "portrait", "portrait")}'
-        f'<div class="strip">{frames}</div><figcaption><b>{esc(row["id"])}</b> · {esc(group_label(row, by))} · '
-        f'{esc(_metric_line(row))}<div class="prompt" title="{esc(row.get("prompt"))}">'
-        f"{esc(row.get('prompt'), PROMPT_CHARS)}</div>{notes}</figcaption></figure>"
+        f'<figure class="card" data-id="{esc(row["id"])}"><div class="pics">{pictures}</div>'
+        f"<figcaption>{caption}{prompt}{notes}</figcaption></figure>"
     )
 
 
