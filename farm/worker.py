@@ -9,6 +9,7 @@ embedding) is computed once per portrait and kept in a bounded LRU.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import threading
@@ -33,6 +34,7 @@ from farm.storage import OutputLayout
 from farm.types import GenerationRequest
 from farm.video import decode_video, encode_mp4
 
+log = logging.getLogger("farm")
 AI_NOTICE = "AI-generated video"
 PORTRAIT_CACHE_BYTES = 256 * 2**20  # per replica: prepared subjects and embeddings, not decoded images
 
@@ -143,7 +145,10 @@ class RowProcessor:
         self.device = device
         self.layout = OutputLayout(job.output, job.storage_options)
         self.backend: Backend = build_backend(job.model_spec())
+        started = time.perf_counter()
+        log.info("%s: loading %s on %s", replica, self.backend.describe(), device)
         self.backend.setup(device)
+        log.info("%s: model loaded in %.1f s", replica, time.perf_counter() - started)
         self.recognizer = None
         if job.identity.enabled:
             from farm.identity.recognizer import build_recognizer
@@ -154,6 +159,7 @@ class RowProcessor:
                 storage_options=job.storage_options,
                 **job.identity.options,
             )
+            log.info("%s: recognizer %s ready", replica, self.recognizer.model_id)
         self.portraits = LRU(cache_size, max_bytes=cache_bytes)
         self.gpu_lock = threading.Lock()
         self.busy_s = 0.0

@@ -153,7 +153,7 @@ class ReplicaPool:
     def _start(self) -> None:
         key = f"replica-{next(self._keys)}"
         actor = RemoteReplica.options(
-            name=f"farm-{self.run_id[:12]}-{key}",
+            name=actor_name(self.job.name, self.run_id, key),
             max_concurrency=self.job.resources.in_flight_per_replica + 2,
             max_restarts=0,
             num_gpus=self.ask.gpus,
@@ -318,6 +318,12 @@ class ReplicaPool:
             self.kill(key)
         if self._asked:
             cluster.request_bundles([])
+
+
+def actor_name(job: str, run_id: str, key: str) -> str:
+    """``farm-<job>-<run>-replica-<n>``: what ``ray list actors`` and the dashboard show (job name made safe)."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "-", job).strip("-")[:40] or "job"
+    return f"farm-{safe}-{run_id[:12]}-{key}"
 
 
 def _kill(actor: Any) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import sys
@@ -23,6 +24,7 @@ class Replica:
         from farm.worker import RowProcessor
 
         secrets.remember(job.model_dump(mode="json"))  # replica logs are scrubbed of the job's secrets too
+        _log_to_stderr()
         secrets.install_log_filter()
         self.gpu_ids = [str(g) for g in ray.get_gpu_ids()]
         device = "cuda" if self.gpu_ids and _cuda_available() else "cpu"
@@ -58,6 +60,17 @@ class Replica:
 
     def stats(self) -> dict[str, float]:
         return self.processor.stats()
+
+
+def _log_to_stderr() -> None:
+    """The replica's ``farm`` log lines (model-load phases) on its stderr, which Ray forwards to the driver's
+    terminal prefixed with the actor; Python would drop INFO lines of a logger without a handler."""
+    logger = logging.getLogger("farm")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
 
 
 class ReplicaStartError(RuntimeError):
