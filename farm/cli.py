@@ -254,6 +254,40 @@ def cmd_results(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_summary(args: argparse.Namespace) -> int:
+    import farm
+    from farm.summary import render, summarize
+
+    options = _outputs(args, args.output)
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
+    try:
+        summary = summarize(farm.open_results(args.output, options), by=args.by, metrics=metrics, seed=args.seed)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    _emit(render(summary, args.format))
+    return EXIT_OK
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from farm.htmlreport import write_report
+
+    options = _outputs(args, args.output)
+    try:
+        info = write_report(
+            args.output,
+            args.to,
+            options,
+            max_rows_per_section=args.per_section,
+            thumbs=args.thumbs,
+            by=args.by,
+            seed=args.seed,
+        )
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    _emit(json.dumps(info, indent=2, default=str))
+    return EXIT_OK
+
+
 def cmd_compact(args: argparse.Namespace) -> int:
     from farm.publish import compact_output
 
@@ -382,6 +416,34 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--to", help="write to this file/URI instead of printing")
             p.add_argument("--limit", type=int, default=None, help="table: at most this many rows")
         p.set_defaults(func=func)
+
+    p = sub.add_parser("summary", help="per-config counts, face rate, s/video and metric means with 95%% intervals")
+    p.add_argument("output", help="a job's output URI")
+    p.add_argument(
+        "--by",
+        action="append",
+        metavar="COLUMN",
+        help="group by this column (repeatable; default config_id, else model)",
+    )
+    p.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    p.add_argument("--metrics", help="comma-separated metric columns (default: every known metric the output has)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (same seed, same intervals)")
+    p.add_argument(
+        "--storage-option", action="append", type=_storage_pair, metavar="KEY=VALUE", help=STORAGE_OPTION_HELP
+    )
+    p.set_defaults(func=cmd_summary)
+
+    p = sub.add_parser("report", help="one self-contained HTML report: summary, plots, contact sheets, failures")
+    p.add_argument("output", help="a job's output URI")
+    p.add_argument("--to", required=True, help="the HTML file to write, e.g. report.html")
+    p.add_argument("--by", action="append", metavar="COLUMN", help="group by this column (repeatable)")
+    p.add_argument("--thumbs", type=int, default=200, help="videos on the contact sheets (sampled evenly over configs)")
+    p.add_argument("--per-section", type=int, default=12, help="videos in the best, worst and near-static galleries")
+    p.add_argument("--seed", type=int, default=0, help="sampling and bootstrap seed")
+    p.add_argument(
+        "--storage-option", action="append", type=_storage_pair, metavar="KEY=VALUE", help=STORAGE_OPTION_HELP
+    )
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("compact", help="publish OUT/results/ (one row per id) from the record log; runs do it too")
     p.add_argument("output", help="a job's output URI")

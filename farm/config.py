@@ -249,7 +249,22 @@ class JobSpec(_Strict):
     defaults: Defaults = Field(default_factory=Defaults)
     resources: Resources = Field(default_factory=Resources)
     identity: Identity = Field(default_factory=Identity)
+    metrics: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="More metrics per video (farm.metrics), e.g. [{name: motion}, {name: clip, weights: <CLIP dir>}, "
+        "{name: identity_facexlib, weights: <IR-SE50 .pth>}]; identity itself is the identity section",
+    )
     runtime: Runtime = Field(default_factory=Runtime)
+
+    @model_validator(mode="after")
+    def _check_metrics(self) -> JobSpec:
+        """Every entry names a known metric with known options (built without loading any weights)."""
+        from farm.metrics import build_metrics
+
+        if any(isinstance(m, dict) and m.get("name") == "identity" for m in self.metrics):
+            raise ValueError("metrics: 'identity' is configured by the identity section; remove it from metrics")
+        build_metrics(self.metrics)
+        return self
 
     @model_validator(mode="after")
     def _scope_storage_options(self) -> JobSpec:

@@ -41,7 +41,9 @@ def metrics_config(job: Any) -> str:
     """The metric settings of a job (``identity`` without the output-format switch), as canonical JSON."""
     identity = job.identity
     settings = identity.model_dump(mode="json", exclude={"per_frame_json"}) if identity.enabled else None
-    return canonical({"identity": settings})
+    if not job.metrics:  # the form records made before metric plug-ins carry: they stay comparable
+        return canonical({"identity": settings})
+    return canonical(redact({"identity": settings, "metrics": job.metrics}))
 
 
 def request_values(request: GenerationRequest, portrait: str) -> dict[str, Any]:
@@ -77,6 +79,6 @@ def video_fingerprint(request_fp: str, portrait_sha256: str | None, model_finger
     return digest({"request": request_fp, "portrait_sha256": portrait_sha256, "weights": model_fingerprint})
 
 
-def metrics_fingerprint(metrics_config_json: str, identity_model: str | None) -> str:
-    """The metrics settings plus the recognizer that scored (its name carries its weights' digest)."""
-    return digest({"metrics": metrics_config_json, "identity_model": identity_model})
+def metrics_fingerprint(metrics_config_json: str, models: dict[str, str | None]) -> str:
+    """The metrics settings plus the models that scored (``<metric>_model`` columns: names with weights digests)."""
+    return digest({"metrics": metrics_config_json, **{k: v for k, v in sorted(models.items()) if v is not None}})

@@ -11,14 +11,15 @@ from dataclasses import replace
 from typing import Any
 
 from farm import fingerprints, secrets
-from farm.records import COLUMNS, IDENTITY, ErrorCode, Record, Status
+from farm.records import COLUMNS, IDENTITY, METRICS, ErrorCode, Record, Status
 from farm.results import carried_name
 from farm.types import GenerationRequest
 
 # URIs a record carries lose their URL password as they are committed (error messages lose every secret value too;
 # carried manifest columns stay verbatim).
 URI_FIELDS = ("portrait", "video")
-METRIC_COLUMNS = tuple(c.name for c in COLUMNS if c.metadata["group"] == IDENTITY)
+METRIC_COLUMNS = tuple(c.name for c in COLUMNS if c.metadata["group"] in (IDENTITY, METRICS))
+MODEL_COLUMNS = tuple(name for name in METRIC_COLUMNS if name.endswith("_model"))  # which model made each metric
 
 
 class RecordMaker:
@@ -86,14 +87,19 @@ class RecordMaker:
                 status=reported.status, error_code=reported.error_code, video=None, error_message=reported.error_message
             )
         rec.set(**{name: getattr(reported, name) for name in (*METRIC_COLUMNS, "score_s", "replica", "node")})
-        rec.metrics_fingerprint = fingerprints.metrics_fingerprint(self.metrics_config, rec.identity_model)
+        rec.metrics_fingerprint = fingerprints.metrics_fingerprint(self.metrics_config, scored_by(rec))
         return rec
 
     def _fingerprinted(self, rec: Record, weights: str | None) -> Record:
         rec.model_fingerprint = weights
         rec.video_fingerprint = fingerprints.video_fingerprint(rec.request_fingerprint, rec.portrait_sha256, weights)
-        rec.metrics_fingerprint = fingerprints.metrics_fingerprint(self.metrics_config, rec.identity_model)
+        rec.metrics_fingerprint = fingerprints.metrics_fingerprint(self.metrics_config, scored_by(rec))
         return rec
+
+
+def scored_by(rec: Record) -> dict[str, str | None]:
+    """The ``<metric>_model`` columns of a record: the models (with weight digests) its metrics came from."""
+    return {name: getattr(rec, name) for name in MODEL_COLUMNS}
 
 
 def scrubbed(rec: Record) -> Record:

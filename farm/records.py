@@ -59,7 +59,7 @@ class InfraError(Exception):
     """A fault of the machine or the network, not of the row (e.g. out of memory, a storage timeout): retried."""
 
 
-CORE, IDENTITY = "core", "identity"
+CORE, IDENTITY, METRICS = "core", "identity", "metrics"  # METRICS: the plug-ins of ``farm.metrics``
 
 
 def _column(arrow: pa.DataType, group: str = CORE, required: bool = False) -> Any:
@@ -129,6 +129,18 @@ class Record:
     frames_scored: int | None = _column(pa.int32(), IDENTITY)
     face_rate: float | None = _column(pa.float64(), IDENTITY)
     identity_model: str | None = _column(pa.string(), IDENTITY)
+    identity_temporal_mean: float | None = _column(pa.float64(), METRICS)
+    identity_temporal_min: float | None = _column(pa.float64(), METRICS)
+    identity_facexlib_mean: float | None = _column(pa.float64(), METRICS)
+    identity_facexlib_min: float | None = _column(pa.float64(), METRICS)
+    identity_facexlib_frames: int | None = _column(pa.int32(), METRICS)
+    identity_facexlib_model: str | None = _column(pa.string(), METRICS)
+    motion_mean: float | None = _column(pa.float64(), METRICS)
+    motion_static: bool | None = _column(pa.bool_(), METRICS)
+    motion_pairs: int | None = _column(pa.int32(), METRICS)
+    motion_model: str | None = _column(pa.string(), METRICS)
+    clip_score: float | None = _column(pa.float64(), METRICS)
+    clip_model: str | None = _column(pa.string(), METRICS)
     carried: dict[str, Any] = field(default_factory=dict)
 
     def set(self, **values: Any) -> Record:

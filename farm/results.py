@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from farm import storage
-from farm.records import COLUMNS, CORE, IDENTITY, Record
+from farm.records import COLUMNS, CORE, IDENTITY, METRICS, Record
 from farm.storage import OutputLayout
 
 log = logging.getLogger("farm")
@@ -32,8 +32,10 @@ def _arrow_field(column: Any) -> pa.Field:
 
 CORE_FIELDS: tuple[pa.Field, ...] = tuple(_arrow_field(c) for c in COLUMNS if c.metadata["group"] == CORE)
 IDENTITY_FIELDS: tuple[pa.Field, ...] = tuple(_arrow_field(c) for c in COLUMNS if c.metadata["group"] == IDENTITY)
+METRIC_PLUGIN_FIELDS: tuple[pa.Field, ...] = tuple(_arrow_field(c) for c in COLUMNS if c.metadata["group"] == METRICS)
+RESULT_FIELDS: tuple[pa.Field, ...] = tuple(_arrow_field(c) for c in COLUMNS)  # in Record's order
 
-RESERVED = frozenset(f.name for f in CORE_FIELDS + IDENTITY_FIELDS)
+RESERVED = frozenset(f.name for f in RESULT_FIELDS)
 CARRY_PREFIX = "input_"
 
 
@@ -44,7 +46,7 @@ def carried_name(column: str) -> str:
 
 def result_schema(carried: pa.Schema | None = None) -> pa.Schema:
     """Core + identity fields, then the carried-through manifest columns with their own types."""
-    fields = list(CORE_FIELDS + IDENTITY_FIELDS)
+    fields = list(RESULT_FIELDS)
     for f in carried or []:
         fields.append(pa.field(carried_name(f.name), f.type))
     return pa.schema(fields)

@@ -12,7 +12,7 @@ from farm.config import job_schema
 from farm.manifest import ID_PATTERN, REQUIRED_COLUMNS
 from farm.params import INT_FIELDS, NULLABLE_FIELDS, RANGES, SAMPLING_FIELDS, SEED_RANGE
 from farm.records import ErrorCode, Status
-from farm.results import CORE_FIELDS, IDENTITY_FIELDS
+from farm.results import CORE_FIELDS, RESULT_FIELDS
 
 DRAFT = "https://json-schema.org/draft/2020-12/schema"
 
@@ -66,7 +66,7 @@ def _json_type(t: pa.DataType) -> str:
 def result_schema_json() -> dict[str, Any]:
     """One result record; the Parquet files also carry the manifest's extra columns."""
     props: dict[str, Any] = {}
-    for f in CORE_FIELDS + IDENTITY_FIELDS:
+    for f in RESULT_FIELDS:
         kind = _json_type(f.type)
         entry: dict[str, Any] = {"type": kind if not f.nullable else [kind, "null"], "arrow_type": str(f.type)}
         if f.name == "status":

@@ -315,7 +315,7 @@ def score_manifest(
         rec = Record(**fields, carried={results.carried_name(name): row.get(name) for name in extra})
         rec.set(model=rec.model or model, metrics_config=metrics)
         if rec.status == Status.OK.value:
-            rec.metrics_fingerprint = fingerprints.metrics_fingerprint(metrics, rec.identity_model)
+            rec.metrics_fingerprint = fingerprints.metrics_fingerprint(metrics, {"identity_model": rec.identity_model})
         if rec.error_message:
             rec.error_message = secrets.scrub(rec.error_message)
         counts[rec.status] += 1

@@ -121,12 +121,13 @@ def nbytes_of(value: Any, depth: int = 4) -> int:
 @dataclass
 class Portrait:
     """What a replica keeps per portrait: the backend's subject, the identity embedding and which bytes they came
-    from; not the decoded image."""
+    from; the decoded image only when a metric needs it (``Metric.uses_portrait``)."""
 
     subject: Any
     embedding: np.ndarray | None
     sha256: str
     stamp: str
+    image: np.ndarray | None = None  # kept only when a metric compares frames with the portrait's pixels
 
 
 class RowProcessor:
@@ -149,22 +150,40 @@ class RowProcessor:
         log.info("%s: loading %s on %s", replica, self.backend.describe(), device)
         self.backend.setup(device)
         log.info("%s: model loaded in %.1f s", replica, time.perf_counter() - started)
-        self.recognizer = None
-        if job.identity.enabled:
-            from farm.identity.recognizer import build_recognizer
-
-            self.recognizer = build_recognizer(
-                job.identity.recognizer,
-                job.identity.pack,
-                storage_options=job.storage_options,
-                **job.identity.options,
-            )
-            log.info("%s: recognizer %s ready", replica, self.recognizer.model_id)
+        self.recognizer, self.identity = self._load_identity(job)
+        self.metrics = self._load_metrics(job, device)
+        self.keep_portrait_image = any(m.uses_portrait for m in self.metrics)
         self.portraits = LRU(cache_size, max_bytes=cache_bytes)
         self.gpu_lock = threading.Lock()
         self.busy_s = 0.0
         self.first_generate: float | None = None
         self.last_generate_end: float | None = None
+
+    def _load_identity(self, job: JobSpec) -> tuple[Any, Any]:
+        """The recognizer (portrait checks and embedding) and the ``identity`` metric over it, when enabled."""
+        if not job.identity.enabled:
+            return None, None
+        from farm.identity.recognizer import build_recognizer
+        from farm.metrics.identity import IdentityMetric
+
+        ident = job.identity
+        recognizer = build_recognizer(
+            ident.recognizer, ident.pack, storage_options=job.storage_options, **ident.options
+        )
+        log.info("%s: recognizer %s ready", self.replica, recognizer.model_id)
+        return recognizer, IdentityMetric.from_recognizer(recognizer, ident.frames, ident.strict, ident.min_face_size)
+
+    def _load_metrics(self, job: JobSpec, device: str) -> list[Any]:
+        """The job's other metrics (``metrics:``), weights loaded once per replica; GPU metrics on its device."""
+        if not job.metrics:
+            return []
+        from farm.metrics import build_metrics
+
+        metrics = build_metrics(job.metrics, job.storage_options)
+        for metric in metrics:
+            metric.setup(device if metric.device == "gpu" else "cpu")
+            log.info("%s: metric %s ready (%s)", self.replica, metric.name, metric.fingerprint())
+        return metrics
 
     # ------------------------------------------------------------------ stages
     def _load_portrait(self, uri: str) -> Portrait:
@@ -177,7 +196,8 @@ class RowProcessor:
                 found.image, strict=ident.strict, min_face_size=ident.min_face_size
             )
         subject = self.backend.prepare_subject(found.image)
-        return Portrait(subject=subject, embedding=embedding, sha256=found.sha256, stamp=found.stamp)
+        image = found.image if self.keep_portrait_image else None
+        return Portrait(subject, embedding, found.sha256, found.stamp, image)
 
     def _inject(self, row_id: str, dispatch: int) -> None:
         """Fault injection for tests and chaos drills (``runtime.inject_faults``); a no-op unless configured."""
@@ -214,11 +234,19 @@ class RowProcessor:
             "encoder_model": model,
         }
 
-    def _score(self, video: bytes, portrait: Portrait) -> dict[str, Any]:
-        if self.recognizer is None or portrait.embedding is None:
+    def _score(self, video: bytes, portrait: Portrait, prompt: str) -> dict[str, Any]:
+        """Every metric's columns for one video (identity with the portrait embedding made at its check)."""
+        if self.identity is None and not self.metrics:
             return {}
         frames, _ = decode_video(video)
-        return self.recognizer.score_frames(frames, portrait.embedding, k=self.job.identity.frames)
+        out: dict[str, Any] = {}
+        if self.identity is not None and portrait.embedding is not None:
+            out.update(self.identity.score_embedding(frames, portrait.embedding))
+        if self.metrics:
+            from farm.metrics import score_all
+
+            out.update(score_all(self.metrics, frames, portrait.image, prompt))
+        return out
 
     # ------------------------------------------------------------------ entry point
     def process(self, task: dict[str, Any]) -> Outcome:
@@ -240,7 +268,7 @@ class RowProcessor:
                 video, uri = self._committed_video(task["rescore"]), task["rescore"]
             else:
                 video, uri = self._make_video(portrait, request, task.get("dispatch", 1), record)
-            self._score_into(record, video, portrait)
+            self._score_into(record, video, portrait, request.prompt)
             record.set(status=Status.OK.value, video=uri)
         except RowError as exc:
             record.set(status=Status.FAILED.value, error_code=exc.code.value, error_message=exc.message)
@@ -277,10 +305,10 @@ class RowProcessor:
         record.encode_s = time.perf_counter() - t1
         return video, uri
 
-    def _score_into(self, record: Record, video: bytes, portrait: Portrait) -> None:
+    def _score_into(self, record: Record, video: bytes, portrait: Portrait, prompt: str) -> None:
         """The metrics of ``video`` into ``record``; per-frame values also to ``metrics/<id>.json`` when asked."""
         t2 = time.perf_counter()
-        metrics = self._score(video, portrait)
+        metrics = self._score(video, portrait, prompt)
         record.score_s = time.perf_counter() - t2
         per_frame = metrics.pop("per_frame", None)
         if self.job.identity.per_frame_json and (metrics or per_frame):

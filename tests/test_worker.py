@@ -95,4 +95,4 @@ def test_portrait_cache_is_bounded_in_bytes_and_keeps_no_decoded_image() -> None
     big = cache.get("huge", lambda: np.zeros(8 * mib, np.uint8))
     assert big.nbytes == 8 * mib and list(cache._items) == ["huge"]  # the newest value is always kept
     assert nbytes_of(Portrait((np.zeros(10, np.float64),), None, "0" * 64, "s")) == 80
-    assert "image" not in Portrait.__dataclass_fields__
+    assert Portrait(None, None, "0" * 64, "s").image is None  # the decoded image is kept only when a metric needs it

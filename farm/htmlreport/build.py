@@ -72,7 +72,7 @@ def _ranked_sections(picks: Picks, found: dict[str, Thumbs], by: Sequence[str], 
 
 def _static_section(picks: Picks, found: dict[str, Thumbs], by: Sequence[str], has_column: bool) -> str:
     if not has_column:
-        note = "This output has no motion_static column (the motion metric did not run): section skipped."
+        note = "This output has no motion_static values (the motion metric did not run): section skipped."
         return s.section("static", "Near-static videos", "", note)
     note = f"{len(picks.static)} of {picks.static_total} videos flagged motion_static shown."
     return s.section("static", "Near-static videos", s.gallery(picks.static, found, by), note)
@@ -90,7 +90,7 @@ def render_report(
         s.section("distributions", "Metric distributions", s.distributions(rows, by, metrics, bools)),
         s.section("sheets", "Contact sheets", s.contact_sheets(picks.sheets, found, by)),
         *_ranked_sections(picks, found, by, bool(picks.best)),
-        _static_section(picks, found, by, "motion_static" in table.column_names),
+        _static_section(picks, found, by, _measured(table, "motion_static")),
         s.section("failures", "Failures by error code", s.failures(rows)),
     ]
     return page(f"Lynx Farm report: {uri}", _intro(uri, rows, picks, how["spec"], how["seed"], found), NAV, body)
@@ -134,3 +134,8 @@ def write_report(
         "left_out_by_size_cap": capped,
         "seconds": round(time.monotonic() - started, 3),
     }
+
+
+def _measured(table: pa.Table, column: str) -> bool:
+    """The column exists and holds a value (every output has the metric columns; null where a metric did not run)."""
+    return column in table.column_names and table.column(column).null_count < table.num_rows

@@ -97,8 +97,12 @@ class IdentityMetric(Metric):
             return None
 
     def score(self, frames: np.ndarray, portrait: np.ndarray | None, prompt: str) -> dict[str, Any]:
+        return self.score_embedding(frames, self._portrait(portrait))
+
+    def score_embedding(self, frames: np.ndarray, portrait_raw: np.ndarray | None) -> dict[str, Any]:
+        """``score`` with the portrait's raw embedding already made (the worker embeds each portrait once, when it
+        checks it before generation)."""
         raws, units, sampled = self.video_faces(frames)
-        portrait_raw = self._portrait(portrait)
         sims: list[float] = []
         dists: list[float] = []
         if portrait_raw is not None:
