@@ -31,6 +31,16 @@ def _imported_after(module: str) -> set[str]:
         "farm.models.still",
         "farm.lease",
         "farm.runtime.scheduler",
+        "farm.table",
+        "farm.publish",
+        "farm.export",
+        "farm.summary",
+        "farm.htmlreport",
+        "farm.metrics",
+        "farm.resume",
+        "farm.recording",
+        "farm.preflight",
+        "farm.runtime.progress",
     ],
 )
 def test_no_ray_outside_runtime(module: str) -> None:
