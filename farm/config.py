@@ -30,6 +30,17 @@ def did_you_mean(value: str, choices: Iterable[str], cutoff: float = 0.6) -> str
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
+def _checked_param(where: str, name: str, value: Any) -> None:
+    """``ValueError`` naming ``where`` when ``value`` is no valid ``name`` (a sampling parameter or seed)."""
+    try:
+        if name == "seed":
+            check_seed(value)
+        else:
+            check_field(name, coerce(name, value))
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from None
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -255,6 +266,38 @@ class JobSpec(_Strict):
         "{name: identity_facexlib, weights: <IR-SE50 .pth>}]; identity itself is the identity section",
     )
     runtime: Runtime = Field(default_factory=Runtime)
+    sweep: dict[str, list[Any]] = Field(
+        default_factory=dict,
+        description="A parameter grid run with every row: sampling parameters, seed, variant or options.<backend "
+        "option> -> list of values, e.g. {guidance_scale: [3.0, 5.0], seed: [42, 43]} (README 'Sweeps')",
+    )
+
+    @model_validator(mode="after")
+    def _check_sweep(self) -> JobSpec:
+        """Every swept name can be swept and every value is in range (a bad grid is a spec error, not bad rows)."""
+        from farm.sweep import ROW_PARAMS, check_sweep
+
+        check_sweep(self.sweep)
+        for name, values in self.sweep.items():
+            if name in ROW_PARAMS:
+                for value in values:
+                    _checked_param(f"sweep.{name}", name, value)
+        return self
+
+    def configs(self) -> list[Any]:
+        """The sweep's configurations (``farm.sweep.Config``); [] when the job has no sweep."""
+        from farm.sweep import expand
+
+        return expand(self.sweep)
+
+    def with_model_values(self, values: dict[str, Any]) -> JobSpec:
+        """This job with a config's model values applied (``variant``, backend options), for one model group."""
+        if not values:
+            return self
+        variant = values.get("variant", self.model.variant)
+        options = {**self.model.options, **{k: v for k, v in values.items() if k != "variant"}}
+        model = self.model.model_copy(update={"variant": variant, "options": options})
+        return self.model_copy(update={"model": model})
 
     @model_validator(mode="after")
     def _check_metrics(self) -> JobSpec:

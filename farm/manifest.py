@@ -11,8 +11,8 @@ import json
 import re
 import time
 from collections import Counter
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
 from enum import Enum
 from typing import Any
 
@@ -301,14 +301,38 @@ class RowState(str, Enum):
     TODO = "todo"  # needs a record: work, or (with an error) a failed record
 
 
-def plan_rows(manifest: Manifest, done: set[str]) -> Iterator[tuple[RowState, str, dict[str, Any], RowError | None]]:
-    """Every manifest row once, with the id its record is filed under and an id-level error, if any.
+Planned = tuple[RowState, str, dict[str, Any], RowError | None]
+SWEEP_ROW, SWEEP_CONFIG = "_farm_row_id", "_farm_config_id"  # what a sweep adds to each row it expands
+
+
+def plan_rows(manifest: Manifest, done: set[str], configs: Sequence[Any] = ()) -> Iterator[Planned]:
+    """Every manifest row once (with a sweep: once per config), with the key its record is filed under and an
+    id-level error, if any; rows whose key is in ``done`` come as ``COMMITTED``.
 
     One pass over the ``id`` column first finds duplicated ids; each gets exactly one ``duplicate_id`` record.
     Rows whose id is missing or invalid get ``bad_id``, filed under ``record_key`` (a second row of identical content
-    gets `` #2`` in its key). Shared by ``farm run``, ``farm validate`` and ``farm score`` so all three keep the
-    one-record-per-id rule the same way.
+    gets `` #2`` in its key). ``configs`` (``farm.sweep.Config``): each row is planned once per config under
+    ``<key>__<config_id>``, the config's values over the row's own. Shared by ``farm run``, ``farm validate`` and
+    ``farm score`` so all keep the one-record-per-id rule the same way.
     """
+    for state, key, row, error in _plan_manifest_rows(manifest):
+        for key_now, row_now in _per_config(key, row, configs):
+            if key_now in done:
+                yield RowState.COMMITTED, key_now, row_now, None
+            else:
+                yield state, key_now, row_now, error
+
+
+def _per_config(key: str, row: dict[str, Any], configs: Sequence[Any]) -> Iterator[tuple[str, dict[str, Any]]]:
+    if not configs:
+        yield key, row
+        return
+    for config in configs:
+        values = {**row, **config.row_values(), SWEEP_ROW: key, SWEEP_CONFIG: config.id}
+        yield f"{key}__{config.id}", values
+
+
+def _plan_manifest_rows(manifest: Manifest) -> Iterator[Planned]:
     duplicates = manifest.duplicate_ids()
     reported: set[str] = set()
     bad_keys: Counter[str] = Counter()
@@ -317,9 +341,6 @@ def plan_rows(manifest: Manifest, done: set[str]) -> Iterator[tuple[RowState, st
         if key != row.get("id"):
             bad_keys[key] += 1
             key = key if bad_keys[key] == 1 else f"{key[:-1]} #{bad_keys[key]}>"
-        if key in done:
-            yield RowState.COMMITTED, key, row, None
-            continue
         if key in duplicates:
             if key in reported:
                 yield RowState.REPEAT, key, row, None
@@ -340,6 +361,13 @@ def check_id(value: Any) -> str:
     if not isinstance(value, str) or not ID_PATTERN.fullmatch(value):
         raise RowError(ErrorCode.BAD_ID, f"id {value!r} must match [A-Za-z0-9._-]{{1,128}}")
     return value
+
+
+def resolve_keyed(key: str, row: dict[str, Any], defaults: RowDefaults) -> GenerationRequest:
+    """``resolve_row`` for a row filed under ``key`` (``plan_rows``): resolved as its manifest row (a sweep's row
+    keeps its own id, so a derived seed is the same in every config), the request filed under ``key``."""
+    request = resolve_row({**row, "id": row.get(SWEEP_ROW, key)}, defaults)
+    return request if request.id == key else replace(request, id=key)
 
 
 def resolve_row(row: dict[str, Any], defaults: RowDefaults) -> GenerationRequest:

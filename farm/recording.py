@@ -11,6 +11,7 @@ from dataclasses import replace
 from typing import Any
 
 from farm import fingerprints, secrets
+from farm.manifest import SWEEP_CONFIG, SWEEP_ROW
 from farm.records import COLUMNS, IDENTITY, METRICS, ErrorCode, Record, Status
 from farm.results import carried_name
 from farm.types import GenerationRequest
@@ -36,6 +37,8 @@ class RecordMaker:
         rights = row.get("rights_confirmed")
         rec = Record(
             id=row.get("id"),
+            row_id=row.get(SWEEP_ROW, row.get("id")),
+            config_id=row.get(SWEEP_CONFIG),
             portrait=row.get("portrait"),
             prompt=row.get("prompt"),
             model=self.model_name,

@@ -78,6 +78,8 @@ class Record:
     """
 
     id: str | None = _column(pa.string(), required=True)
+    row_id: str | None = _column(pa.string())  # the manifest row's id (a sweep files each config under id__config)
+    config_id: str | None = _column(pa.string())  # the sweep configuration (farm.sweep), null without a sweep
     status: str | None = _column(pa.string(), required=True)
     error_code: str | None = _column(pa.string())
     error_message: str | None = _column(pa.string())

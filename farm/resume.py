@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,14 +28,22 @@ import pyarrow.compute as pc
 
 from farm import fingerprints, storage, table
 from farm.config import SpecError
-from farm.manifest import Manifest, RowDefaults, RowState, plan_rows, resolve_row
+from farm.manifest import Manifest, RowDefaults, RowState, plan_rows, resolve_keyed
 from farm.params import SAMPLING_FIELDS
 from farm.records import Record, RowError, Status
 from farm.storage import OutputLayout
 
 log = logging.getLogger("farm")
 
-COMPARED = ["status", "request_fingerprint", "metrics_config", "portrait", "portrait_sha256", "portrait_stamp"]
+COMPARED = [
+    "status",
+    "request_fingerprint",
+    "metrics_config",
+    "portrait",
+    "portrait_sha256",
+    "portrait_stamp",
+    "config_id",
+]
 DIFFED = [*SAMPLING_FIELDS, "fps", "seed", "prompt", "negative_prompt", "portrait", "model_config", "status"]
 STAT_THREADS = 16  # portraits are checked with one metadata call each (stat / HEAD), in parallel
 
@@ -77,13 +85,14 @@ class Context:
     defaults: RowDefaults
     model_config: str
     metrics_config: str
+    configs: Sequence[Any] = ()  # a sweep's configs this run makes (one model group)
 
 
 def row_fingerprint(ctx: Context, key: str, row: dict[str, Any], error: RowError | None) -> str:
     """The request fingerprint this run gives a row (an invalid row: a digest of what it holds)."""
     if error is None:
         try:
-            request = resolve_row({**row, "id": key}, ctx.defaults)
+            request = resolve_keyed(key, row, ctx.defaults)
             return fingerprints.request_fingerprint(ctx.model_config, request, row["portrait"])
         except RowError:
             pass
@@ -91,7 +100,7 @@ def row_fingerprint(ctx: Context, key: str, row: dict[str, Any], error: RowError
 
 
 def _rows(ctx: Context) -> Iterator[tuple[str, dict[str, Any], RowError | None]]:
-    for state, key, row, error in plan_rows(ctx.manifest, set()):
+    for state, key, row, error in plan_rows(ctx.manifest, set(), ctx.configs):
         if state is not RowState.REPEAT:
             yield key, row, error
 
@@ -104,7 +113,7 @@ def plan_resume(
     verify_portraits: bool = True,
 ) -> ResumePlan:
     """Compare the output's records with this run; raises ``ChangedRows`` for changes not allowed by a flag."""
-    committed = table.read_results(ctx.layout, COMPARED)
+    committed = _this_runs(ctx, table.read_results(ctx.layout, COMPARED))
     plan = ResumePlan()
     if committed.num_rows == 0:
         return plan
@@ -139,6 +148,14 @@ def _classify(
     failed = pc.fill_null(pc.equal(joined.column("status"), Status.FAILED.value), False)
     redo = _ids(joined, pc.and_(pc.invert(ok), differs)) | (_ids(joined, failed) if retry_failed else set())
     return regenerate, rescore, redo
+
+
+def _this_runs(ctx: Context, committed: pa.Table) -> pa.Table:
+    """With a sweep, the records of this run's configs only (the grid's other model groups run apart)."""
+    if not ctx.configs:
+        return committed
+    ids = pa.array([c.id for c in ctx.configs], pa.string())
+    return committed.filter(pc.fill_null(pc.is_in(committed.column("config_id"), ids), False))
 
 
 def _join_current(ctx: Context, committed: pa.Table) -> tuple[pa.Table, int]:
@@ -225,7 +242,7 @@ def _differences(
     try:
         if error is not None:
             raise error
-        request = resolve_row({**row, "id": key}, ctx.defaults)
+        request = resolve_keyed(key, row, ctx.defaults)
     except RowError as exc:
         yield "row", "ok", f"now invalid ({exc.code.value}: {exc.message})"
         return

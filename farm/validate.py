@@ -10,7 +10,7 @@ from typing import Any
 
 from farm import storage
 from farm.config import JobSpec
-from farm.manifest import Manifest, RowState, plan_rows, resolve_row
+from farm.manifest import Manifest, RowState, plan_rows, resolve_keyed
 from farm.preflight import PreflightReport, estimate_for, preflight
 from farm.records import ErrorCode, RowError
 from farm.worker import row_defaults
@@ -25,6 +25,7 @@ class ValidationReport:
     reasons: Counter[str] = field(default_factory=Counter)
     examples: dict[str, list[str]] = field(default_factory=dict)
     extra_columns: list[str] = field(default_factory=list)
+    configs: int = 0  # a sweep's grid size (rows count each row once per config)
     preflight: PreflightReport | None = None
 
     @property
@@ -39,7 +40,10 @@ class ValidationReport:
             bucket.append(f"{row_id!r}: {message}")
 
     def render(self) -> str:
-        lines = [f"rows: {self.rows}  valid: {self.valid}  invalid: {self.rows - self.valid}"]
+        lines = []
+        if self.configs:
+            lines.append(f"sweep: {self.configs} configs x {self.rows // self.configs} rows = {self.rows} videos")
+        lines.append(f"rows: {self.rows}  valid: {self.valid}  invalid: {self.rows - self.valid}")
         if self.extra_columns:
             lines.append(f"carried-through columns: {', '.join(self.extra_columns)}")
         for code, count in self.reasons.most_common():
@@ -76,17 +80,17 @@ def validate_job(
     check_portraits = job.runtime.check_portraits if check_portraits is None else check_portraits
     manifest = Manifest(job.manifest, job.storage_options)
     defaults = row_defaults(job)
-    report = ValidationReport(extra_columns=manifest.extra_columns)
+    report = ValidationReport(extra_columns=manifest.extra_columns, configs=len(job.configs()))
     estimate = estimate_for(job, rows=0)
     portraits: dict[str, list[Any]] = {}
-    for state, key, row, error in plan_rows(manifest, set()):
+    for state, key, row, error in plan_rows(manifest, set(), job.configs()):
         report.rows += 1
         if state is RowState.REPEAT:
             continue  # the first row of a duplicated id carries the one duplicate_id finding
         try:
             if error is not None:
                 raise error
-            request = resolve_row({**row, "id": key}, defaults)
+            request = resolve_keyed(key, row, defaults)
         except RowError as exc:
             report.add(exc.code, key, exc.message)
             continue

@@ -16,7 +16,7 @@ import signal
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +26,7 @@ from farm import __version__, results, resume, secrets, table
 from farm.config import JobSpec, SpecError
 from farm.fingerprints import metrics_config
 from farm.lease import LeaseLost, OutputLease
-from farm.manifest import Manifest, ManifestError, RowDefaults, RowState, plan_rows, resolve_row
+from farm.manifest import Manifest, ManifestError, RowDefaults, RowState, plan_rows, resolve_keyed
 from farm.models import build_backend
 from farm.preflight import estimate_for, preflight
 from farm.publish import publish
@@ -40,6 +40,7 @@ from farm.runtime.pool import Ask, Done, Dropped, Lost, Paused, Ready, ReplicaPo
 from farm.runtime.progress import ProgressReporter, Snapshot, as_dict
 from farm.runtime.scheduler import Final, Loss, Scheduler, Task
 from farm.storage import OutputLayout, is_local
+from farm.sweep import Config, model_groups
 from farm.worker import row_defaults
 
 log = logging.getLogger("farm")
@@ -57,6 +58,22 @@ class RunSummary:
     replica_restarts: int
     busy_fraction: float | None = None
     first_dispatch_s: float | None = None
+
+    @classmethod
+    def combined(cls, parts: list[RunSummary]) -> RunSummary:
+        """A sweep's runs (one per model group) as one summary: counts and times added up."""
+        counts: Counter[str] = Counter()
+        for part in parts:
+            counts.update(part.counts)
+        return cls(
+            run_id=",".join(p.run_id for p in parts),
+            counts=counts,
+            rows_seen=sum(p.rows_seen for p in parts),
+            already_committed=sum(p.already_committed for p in parts),
+            elapsed_s=sum(p.elapsed_s for p in parts),
+            replicas=max(p.replicas for p in parts),
+            replica_restarts=sum(p.replica_restarts for p in parts),
+        )
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -89,8 +106,11 @@ class Driver:
         address: str | None = None,
         regenerate_changed: bool = False,
         rescore_changed: bool = False,
+        configs: Sequence[Config] = (),
     ) -> None:
+        """``configs``: the sweep configurations this driver runs (one model group of ``job``'s grid)."""
         self.job = job
+        self.configs = list(configs)
         self.regenerate_changed = regenerate_changed
         self.rescore_changed = rescore_changed
         secrets.remember(job.model_dump(mode="json"))  # error messages and log lines never show these values
@@ -155,7 +175,7 @@ class Driver:
 
     # ------------------------------------------------------------------ rows
     def _row_stream(self, manifest: Manifest, defaults: RowDefaults, done: set[str]) -> Iterator[Task]:
-        for state, key, raw, error in plan_rows(manifest, done):
+        for state, key, raw, error in plan_rows(manifest, done, self.configs):
             if state is not RowState.TODO:
                 self.already_committed += state is RowState.COMMITTED
                 self._tick()
@@ -164,7 +184,7 @@ class Driver:
             try:
                 if error is not None:
                     raise error
-                request = resolve_row(row, defaults)
+                request = resolve_keyed(key, raw, defaults)
             except RowError as exc:
                 status = Status.SKIPPED if exc.code == ErrorCode.RIGHTS_NOT_CONFIRMED else Status.FAILED
                 self._commit(self.maker.invalid(raw, key, exc.code, exc.message, status))
@@ -466,7 +486,9 @@ class Driver:
         table.check_carried_types(
             self.layout, pa.schema([schema.field(results.carried_name(c)) for c in self.extra_columns])
         )
-        context = resume.Context(self.layout, manifest, defaults, self.maker.model_config, self.maker.metrics_config)
+        context = resume.Context(
+            self.layout, manifest, defaults, self.maker.model_config, self.maker.metrics_config, self.configs
+        )
         self.resume = resume.plan_resume(
             context, self.retry_failed, self.regenerate_changed, self.rescore_changed, job.runtime.verify_portraits
         )
@@ -584,8 +606,22 @@ def _raise_interrupt(signum: int, frame: Any) -> None:
 
 def run_job(job: JobSpec, **options: Any) -> RunSummary:
     """Run ``job`` to the end; ``options`` are ``Driver``'s (``progress``, ``retry_failed``, ``address``,
-    ``regenerate_changed``, ``rescore_changed``; README "Resume" says what the flags redo)."""
-    return Driver(job, **options).run()
+    ``regenerate_changed``, ``rescore_changed``; README "Resume" says what the flags redo). A sweep runs one model
+    group of its grid after the other (``farm.sweep.model_groups``), each with its own replicas."""
+    configs = job.configs()
+    if not configs:
+        return Driver(job, **options).run()
+    summaries = []
+    for group in model_groups(configs):
+        sub_job = job.with_model_values(group[0].model_values())
+        log.info("sweep: %d config(s) on %s: %s", len(group), _model_words(sub_job), ", ".join(c.id for c in group))
+        summaries.append(Driver(sub_job, configs=group, **options).run())
+    return RunSummary.combined(summaries)
+
+
+def _model_words(job: JobSpec) -> str:
+    variant = f" {job.model.variant}" if job.model.variant else ""
+    return f"{job.model.backend}{variant} {job.model.options or ''}".strip()
 
 
 __all__ = ["Driver", "JobAborted", "RunSummary", "run_job"]
