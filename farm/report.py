@@ -193,30 +193,31 @@ def _label(outputs: list[str]) -> list[str]:
 def compare_outputs(
     outputs: list[str], storage_options: dict[str, Any] | None, to: str | None = None, limit: int = 20
 ) -> str:
-    """Per-output summary (ok rows, mean identity, face rate) and a per-id table of ``identity_mean`` side by side.
+    """Per side (each output; or, given one output of a sweep, each of its configs) a summary (records, ok rows,
+    mean identity, face rate), and a table of ``identity_mean`` side by side per manifest row (``row_id``).
 
-    The typical use: a Lynx job and the ``still`` baseline over the same manifest; the baseline is the ceiling the
-    metric reaches after compression, so ``lynx / still`` reads as the share of the reachable identity kept.
+    Typical uses: a Lynx job and the ``still`` baseline over the same manifest (the baseline is the ceiling the
+    metric reaches after compression, so ``lynx / still`` reads as the share of the reachable identity kept), or the
+    configs of one sweep.
     """
-    labels = _label(outputs)
-    cols = ["status", "identity_mean", "identity_distance_mean", "face_rate"]
-    tables = {lab: read_results(OutputLayout(out, storage_options), cols) for lab, out in zip(labels, outputs)}
-    lines = [f"{'output':<24} {'records':>8} {'ok':>6} {'identity_mean':>14} {'face_rate':>10}"]
-    for lab, t in tables.items():
+    sides = _sides(outputs, storage_options)
+    labels = list(sides)
+    lines = [f"{'side':<24} {'records':>8} {'ok':>6} {'identity_mean':>14} {'face_rate':>10}"]
+    for lab, t in sides.items():
         ok = t.filter(pc.equal(t.column("status"), "ok"))
         mean = pc.mean(ok.column("identity_mean")).as_py() if ok.num_rows else None
         rate = pc.mean(ok.column("face_rate")).as_py() if ok.num_rows else None
         lines.append(f"{lab:<24} {t.num_rows:>8} {ok.num_rows:>6} {_fmt(mean):>14} {_fmt(rate):>10}")
     joined = None
-    for lab, t in tables.items():
-        part = t.select(["id", "identity_mean"]).rename_columns(["id", lab])
-        joined = part if joined is None else joined.join(part, "id", join_type="full outer")
-    joined = joined.sort_by("id")
+    for lab, t in sides.items():
+        part = t.select(["row", "identity_mean"]).rename_columns(["row", lab])
+        joined = part if joined is None else joined.join(part, "row", join_type="full outer")
+    joined = joined.sort_by("row")
     if len(labels) >= 2:
         first, last = labels[0], labels[-1]
         ratio = pc.divide(joined.column(first), joined.column(last))
         joined = joined.append_column(f"{first}/{last}", ratio)
-        lines.append(f"mean {first}/{last} over ids scored in both: {_fmt(pc.mean(ratio).as_py())}")
+        lines.append(f"mean {first}/{last} over rows scored in both: {_fmt(pc.mean(ratio).as_py())}")
     if to:
         buf = io.BytesIO()
         (pq.write_table if to.endswith(".parquet") else pacsv.write_csv)(joined, buf)
@@ -224,6 +225,22 @@ def compare_outputs(
         lines.append(f"wrote {joined.num_rows} rows to {to}")
     shown = joined.slice(0, limit).to_pandas().to_string(index=False, na_rep="-") if joined.num_rows else ""
     return "\n".join(lines + (["", shown] if shown else []))
+
+
+def _sides(outputs: list[str], storage_options: dict[str, Any] | None) -> dict[str, pa.Table]:
+    """Label -> records keyed by manifest row (``row``: ``row_id``, else ``id`` for records made before sweeps).
+    One output whose records span several sweep configs is compared config by config."""
+    cols = ["row_id", "config_id", "status", "identity_mean", "identity_distance_mean", "face_rate"]
+    sides = {}
+    for lab, out in zip(_label(outputs), outputs):
+        t = read_results(OutputLayout(out, storage_options), cols)
+        sides[lab] = t.append_column("row", pc.coalesce(t.column("row_id"), t.column("id")))
+    if len(sides) == 1:
+        (only,) = sides.values()
+        configs = sorted({c for c in only.column("config_id").to_pylist() if c})
+        if len(configs) >= 2:
+            return {c: only.filter(pc.equal(only.column("config_id"), c)) for c in configs}
+    return sides
 
 
 def _fmt(value: float | None) -> str:

@@ -204,8 +204,8 @@ def test_compare_joins_outputs_by_id(tmp_path: Path, capsys: pytest.CaptureFixtu
     target = tmp_path / "cmp.csv"
     assert main(["compare", lynx.root, still.root, "--to", str(target)]) == 0
     out = capsys.readouterr().out
-    assert "mean lynx/still over ids scored in both: 0.7500" in out
+    assert "mean lynx/still over rows scored in both: 0.7500" in out
     summary = {line.split()[0]: line.split()[1:] for line in out.splitlines()[1:3]}
     assert summary["lynx"] == ["3", "2", "0.6000", "0.5000"] and summary["still"] == ["2", "2", "0.8500", "1.0000"]
     rows = target.read_text().splitlines()
-    assert rows[0] == '"id","lynx","still","lynx/still"' and len(rows) == 4
+    assert rows[0] == '"row","lynx","still","lynx/still"' and len(rows) == 4

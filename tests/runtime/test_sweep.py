@@ -82,6 +82,10 @@ def test_a_grid_runs_every_row_in_every_config_and_resumes(tmp_path: Path, capsy
     again = run_job(job, progress=False)
     assert again.already_committed == 16 and sum(again.counts.values()) == 0
 
+    assert main(["compare", out]) == 0  # one sweep output: its configs side by side, joined by row
+    compared = capsys.readouterr().out
+    assert all(c.id in compared for c in job.configs()) and "row-001" in compared
+
     spec = tmp_path / "job.yaml"
     spec.write_text(json.dumps(job.model_dump(mode="json")))
     assert main(["validate", str(spec)]) == 0
