@@ -350,6 +350,12 @@ def cmd_schemas(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _storage_option_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--storage-option", action="append", type=_storage_pair, metavar="KEY=VALUE", help=STORAGE_OPTION_HELP
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="farm", description=DESCRIPTION, epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -404,9 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         p = sub.add_parser(name, help=helptext)
         p.add_argument("output", help="a job's output URI")
-        p.add_argument(
-            "--storage-option", action="append", type=_storage_pair, metavar="KEY=VALUE", help=STORAGE_OPTION_HELP
-        )
+        _storage_option_arg(p)
         if name == "status":
             p.add_argument(
                 "--json", action="store_true", help="the same as JSON (a live run's progress, stale heartbeat)"
@@ -428,9 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["table", "csv", "json"], default="table")
     p.add_argument("--metrics", help="comma-separated metric columns (default: every known metric the output has)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed (same seed, same intervals)")
-    p.add_argument(
-        "--storage-option", action="append", type=_storage_pair, metavar="KEY=VALUE", help=STORAGE_OPTION_HELP
-    )
+    _storage_option_arg(p)
     p.set_defaults(func=cmd_summary)
 
     p = sub.add_parser("report", help="one self-contained HTML report: summary, plots, contact sheets, failures")
@@ -440,16 +442,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--thumbs", type=int, default=200, help="videos on the contact sheets (sampled evenly over configs)")
     p.add_argument("--per-section", type=int, default=12, help="videos in the best, worst and near-static galleries")
     p.add_argument("--seed", type=int, default=0, help="sampling and bootstrap seed")
-    p.add_argument(
-        "--storage-option", action="append", type=_storage_pair, metavar="KEY=VALUE", help=STORAGE_OPTION_HELP
-    )
+    _storage_option_arg(p)
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("compact", help="publish OUT/results/ (one row per id) from the record log; runs do it too")
     p.add_argument("output", help="a job's output URI")
-    p.add_argument(
-        "--storage-option", action="append", type=_storage_pair, metavar="KEY=VALUE", help=STORAGE_OPTION_HELP
-    )
+    _storage_option_arg(p)
     p.set_defaults(func=cmd_compact)
 
     p = sub.add_parser("export", help="export videos + records as a dataset (WebDataset shards, HF, Parquet)")
@@ -458,16 +456,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", required=True, help="destination folder/URI (a rerun resumes)")
     p.add_argument("--where", help="filter over result columns, e.g. \"status = 'ok' AND identity_mean >= 0.6\"")
     p.add_argument("--shard-size", type=int, default=1000, help="rows per shard")
-    p.add_argument(
-        "--storage-option", action="append", type=_storage_pair, metavar="KEY=VALUE", help=STORAGE_OPTION_HELP
-    )
+    _storage_option_arg(p)
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("compare", help="identity metrics of several outputs side by side, joined by id")
-    p.add_argument("outputs", nargs="+", help="job or score outputs (e.g. a Lynx job and its still baseline)")
-    p.add_argument(
-        "--storage-option", action="append", type=_storage_pair, metavar="KEY=VALUE", help=STORAGE_OPTION_HELP
+    p = sub.add_parser(
+        "compare", help="identity metrics of several outputs, or one sweep's configs, side by side per row"
     )
+    p.add_argument("outputs", nargs="+", help="job or score outputs (e.g. a Lynx job and its still baseline)")
+    _storage_option_arg(p)
     p.add_argument("--to", help="also write the per-id table (csv or parquet, by extension)")
     p.add_argument("--limit", type=int, default=20, help="per-id rows to print")
     p.set_defaults(func=cmd_compare)
@@ -482,9 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers", type=int, default=2, help="worker processes scoring in parallel (each loads its recognizer)"
     )
     p.add_argument("--retry-failed", action="store_true", help="also rescore rows whose committed status is failed")
-    p.add_argument(
-        "--storage-option", action="append", type=_storage_pair, metavar="KEY=VALUE", help=STORAGE_OPTION_HELP
-    )
+    _storage_option_arg(p)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_score)
 
