@@ -21,7 +21,6 @@ from farm.params import SAMPLING_FIELDS
 ROW_PARAMS = (*SAMPLING_FIELDS, "fps", "seed")
 MODEL_PARAMS = ("variant",)
 OPTION_PREFIX = "options."
-KEY_SEPARATOR = "__"
 ABBREVIATIONS = {
     "guidance_scale": "g",
     "guidance_scale_i": "gi",
@@ -111,7 +110,3 @@ def model_groups(configs: list[Config]) -> list[list[Config]]:
     for config in configs:
         groups.setdefault(canonical(config.model_values()), []).append(config)
     return list(groups.values())
-
-
-def record_key(row_key: str, config: Config) -> str:
-    return f"{row_key}{KEY_SEPARATOR}{config.id}"
