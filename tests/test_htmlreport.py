@@ -133,7 +133,7 @@ def test_size_cap_leaves_pictures_out_with_a_note(tmp_path: Path) -> None:
     assert "the report reached its size cap" in html
 
 
-def _chromium(*args: str) -> str:
+def _chromium_run(*args: str) -> subprocess.CompletedProcess[str]:
     """Headless Chromium with every host name unresolvable: a page that needs the network shows it."""
     exe = shutil.which("chromium")
     if exe is None:
@@ -142,7 +142,18 @@ def _chromium(*args: str) -> str:
     flags += ["--virtual-time-budget=10000", "--no-first-run", "--disable-extensions"]
     done = subprocess.run([exe, *flags, *args], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
-    return done.stdout
+    return done
+
+
+def _chromium(*args: str) -> str:
+    return _chromium_run(*args).stdout
+
+
+def _console_messages(uri: str) -> list[str]:
+    """What the page wrote to the browser console while loading (uncaught errors included), from Chromium's log:
+    lines like ``[...:INFO:CONSOLE:1] "Uncaught ReferenceError: ...", source: file:///...report.html (1)``."""
+    log = _chromium_run("--enable-logging=stderr", "--v=0", "--dump-dom", uri).stderr
+    return [line for line in log.splitlines() if re.search(r":CONSOLE\b", line)]  # the only page loaded is ``uri``
 
 
 def test_report_in_headless_chromium(report: tuple[Path, dict[str, Any]]) -> None:
@@ -156,6 +167,15 @@ def test_report_in_headless_chromium(report: tuple[Path, dict[str, Any]]) -> Non
         assert f'id="{anchor}"' in dom
     assert len(re.findall(r"<script\b", dom)) == 1  # the injected prompt stayed text
     assert "&lt;script&gt;alert(1)&lt;/script&gt; a person waves" in dom
+
+
+def test_report_loads_without_console_errors(report: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
+    # The check must see an error where there is one, or a change in Chromium's log format would pass silently.
+    broken = tmp_path / "broken.html"
+    broken.write_text("<!DOCTYPE html><html><body><script>undefinedFunction();</script></body></html>")
+    caught = _console_messages(broken.resolve().as_uri())
+    assert any("Uncaught" in line and "undefinedFunction" in line for line in caught), caught
+    assert _console_messages(report[0].resolve().as_uri()) == []
 
 
 def test_report_screenshot_is_not_blank(report: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
