@@ -13,7 +13,8 @@ body{font:14px/1.4 system-ui,sans-serif;margin:0 24px 48px;color:#222;background
 header{position:sticky;top:0;background:#fff;border-bottom:1px solid #ddd;padding:8px 0;z-index:1}
 nav a{margin-right:14px;color:#245;text-decoration:none}
 h1{font-size:20px;margin:12px 0 4px}h2{font-size:17px;margin:28px 0 8px}h3{font-size:14px;margin:14px 0 4px}
-table{border-collapse:collapse;font-variant-numeric:tabular-nums}
+table{border-collapse:collapse;font-variant-numeric:tabular-nums;display:block;overflow-x:auto;max-width:100%}
+td:first-child{min-width:12em}
 th,td{border:1px solid #ddd;padding:3px 7px;text-align:left;vertical-align:top}th{background:#f3f3f3}
 .note{color:#555}.warn{color:#a40;font-size:12px}
 .cards{display:block}

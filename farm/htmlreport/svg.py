@@ -10,7 +10,7 @@ from html import escape
 
 import numpy as np
 
-WIDTH, LABEL_W, ROW_H, AXIS_H, PAD = 720, 200, 24, 28, 12
+WIDTH, LABEL_W, ROW_H, AXIS_H, PAD = 720, 200, 24, 28, 32  # PAD: room for the last tick's label
 
 
 def _fmt(value: float) -> str:
@@ -40,13 +40,23 @@ def _row(label: str, values: np.ndarray, y: float, x: Callable[[float], float]) 
     )
 
 
+def _tick_labels(ticks: np.ndarray) -> list[str]:
+    """The fewest significant digits (3 and up) that tell every tick apart (0.9991, 0.9993, ... not 0.999 five
+    times)."""
+    for digits in range(3, 10):
+        labels = [f"{t:.{digits}g}" for t in ticks]
+        if len(set(labels)) == len(labels):
+            return labels
+    return labels
+
+
 def _axis(low: float, high: float, y: float, x: Callable[[float], float]) -> str:
     ticks = np.linspace(low, high, 5)
     parts = [f'<line x1="{LABEL_W}" x2="{WIDTH - PAD}" y1="{y:.1f}" y2="{y:.1f}" class="ax"/>']
-    for tick in ticks:
+    for tick, text in zip(ticks, _tick_labels(ticks)):
         parts.append(
             f'<line x1="{x(tick):.1f}" x2="{x(tick):.1f}" y1="{y:.1f}" y2="{y + 4:.1f}" class="ax"/>'
-            f'<text x="{x(tick):.1f}" y="{y + 16:.1f}" text-anchor="middle">{_fmt(tick)}</text>'
+            f'<text x="{x(tick):.1f}" y="{y + 16:.1f}" text-anchor="middle">{text}</text>'
         )
     return "".join(parts)
 
