@@ -118,11 +118,22 @@ def _part(rng: np.random.Generator, ids: np.ndarray, run_seq: int, run_id: str, 
         "frames_scored": pa.array(np.where(ok, 121, 0), pa.int32()),
         "face_rate": okf(np.ones(n)),
         "identity_model": np.full(n, "antelopev2"),
+        "row_id": names,
+        "identity_temporal_mean": okf(rng.uniform(0.8, 1, n)),
+        "identity_temporal_min": okf(rng.uniform(0.6, 0.8, n)),
+        "motion_mean": okf(rng.uniform(0, 4, n)),
+        "motion_pairs": pa.array(np.where(ok, 16, 0), pa.int32()),
+        "motion_model": np.full(n, "opencv-farneback-5.0.0@w256,static<0.5"),
         "campaign": [f"campaign-{i % 12}" for i in ids],
         "priority": pa.array(ids % 5, pa.int32()),
         "lang": pa.array(np.array(["en", "de", "fr", "es"])[ids % 4]),
     }
-    return pa.table({f.name: pa.array(cols[f.name], f.type) for f in schema}, schema=schema)
+    # columns a real log would hold null here (no sweep config, metrics that did not run) stay null
+    return pa.table({f.name: _column(cols.get(f.name), f.type, n) for f in schema}, schema=schema)
+
+
+def _column(values: Any, kind: pa.DataType, n: int) -> pa.Array:
+    return pa.nulls(n, kind) if values is None else pa.array(values, kind)
 
 
 def build_log(root: Path, records: int, parts: int, seed: int = 0) -> dict[str, Any]:
