@@ -26,11 +26,12 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import torch
 from torch import nn
 
-from farm.identity.faces import Face, FaceEmbedder, check_image, file_digest
+from farm.identity.faces import ARCFACE_TEMPLATE, Face, FaceEmbedder, check_image, file_digest, similarity_transform
 from farm.models.lynx.weights import LynxWeightsError, check_state_dict, local_file
 
 ARCFACE_FILE = "recognition_arcface_ir_se50.pth"
@@ -190,6 +191,31 @@ def load_irse50(
     return module.to(device=device, dtype=torch.float32).eval().requires_grad_(False), local
 
 
+def official_similarity(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """scikit-image's estimator on the float32 points, as the official code calls it (bit-identical matrix).
+
+    Lives here, under the embedder's crop; ``face.py``'s reference crop uses it too (face -> arcface, one way)."""
+    try:
+        from skimage.transform import SimilarityTransform
+    except ImportError:  # pragma: no cover - scikit-image is a dependency; keep working without it
+        return similarity_transform(src.astype(np.float64), dst.astype(np.float64))
+    if hasattr(SimilarityTransform, "from_estimate"):
+        return np.asarray(SimilarityTransform.from_estimate(src, dst).params[0:2, :])
+    tform = SimilarityTransform()
+    tform.estimate(src, dst)
+    return tform.params[0:2, :]
+
+
+def arcface_crop(image: np.ndarray, kps: np.ndarray, size: int = 112) -> np.ndarray:
+    """insightface's ``norm_crop`` at the official precision (float32 template, scikit-image's estimator): the
+    embedder's input, bit-identical to what the official ``FaceEncoderArcFace`` feeds its network."""
+    if size % 112 != 0:
+        raise ValueError(f"the ArcFace crop size must be a multiple of 112, got {size}")
+    dst = ARCFACE_TEMPLATE.astype(np.float32) * np.float32(size / 112.0)
+    matrix = official_similarity(np.asarray(kps, dtype=np.float32), dst)
+    return cv2.warpAffine(np.ascontiguousarray(image), matrix, (size, size), borderValue=0.0)
+
+
 def preprocess(crop_rgb_uint8: np.ndarray) -> torch.Tensor:
     """The official input: a 112 RGB uint8 crop -> (1, 3, 112, 112) fp32, ``x / 255`` then ``(x - 0.5) / 0.5``
     (the order ToTensor and Normalize apply), channels swapped to BGR."""
@@ -213,8 +239,6 @@ class IRSE50Embedder(FaceEmbedder):
         return self._fingerprint
 
     def embed(self, image_rgb_uint8: np.ndarray, face: Face) -> np.ndarray:
-        from farm.models.lynx.face import arcface_crop
-
         crop = arcface_crop(check_image(image_rgb_uint8), face.kps)
         with torch.inference_mode():
             out = self.model(preprocess(crop).to(self.device))

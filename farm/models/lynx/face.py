@@ -19,14 +19,9 @@ from typing import Any
 import cv2
 import numpy as np
 
-from farm.identity.faces import (
-    ARCFACE_TEMPLATE,
-    FaceDetector,
-    FaceEmbedder,
-    check_image,
-    largest_face,
-    similarity_transform,
-)
+from farm.identity.faces import ARCFACE_TEMPLATE, FaceDetector, FaceEmbedder, check_image, largest_face
+from farm.models.lynx.arcface import arcface_crop as arcface_crop  # re-exported: callers took it from here
+from farm.models.lynx.arcface import irse50_embedder, official_similarity
 from farm.records import ErrorCode, RowError
 
 log = logging.getLogger(__name__)
@@ -93,25 +88,10 @@ def face_models(
 
         detector = DlibDetector()
     if arcface:
-        from farm.models.lynx.arcface import irse50_embedder
-
         embedder = irse50_embedder(arcface, storage_options_json)
     else:
         warn_unofficial_embedder(str(face_pack))
     return detector, embedder
-
-
-def _similarity(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
-    """scikit-image's estimator on the float32 points, as the official code calls it (bit-identical matrix)."""
-    try:
-        from skimage.transform import SimilarityTransform
-    except ImportError:  # pragma: no cover - scikit-image is a dependency; keep working without it
-        return similarity_transform(src.astype(np.float64), dst.astype(np.float64))
-    if hasattr(SimilarityTransform, "from_estimate"):
-        return np.asarray(SimilarityTransform.from_estimate(src, dst).params[0:2, :])
-    tform = SimilarityTransform()
-    tform.estimate(src, dst)
-    return tform.params[0:2, :]
 
 
 def reference_crop(image: np.ndarray, kps: np.ndarray, size: int = REF_SIZE) -> np.ndarray:
@@ -129,17 +109,7 @@ def reference_crop(image: np.ndarray, kps: np.ndarray, size: int = REF_SIZE) -> 
     else:
         dst = dst * np.float32(size / 128.0)
         dst[:, 0] += np.float32(8.0 * size / 128.0)
-    matrix = _similarity(np.asarray(kps, dtype=np.float32), dst)
-    return cv2.warpAffine(np.ascontiguousarray(image), matrix, (size, size), borderValue=0.0)
-
-
-def arcface_crop(image: np.ndarray, kps: np.ndarray, size: int = 112) -> np.ndarray:
-    """insightface's ``norm_crop`` at the official precision (float32 template, scikit-image's estimator): the
-    embedder's input, bit-identical to what the official ``FaceEncoderArcFace`` feeds its network."""
-    if size % 112 != 0:
-        raise ValueError(f"the ArcFace crop size must be a multiple of 112, got {size}")
-    dst = ARCFACE_TEMPLATE.astype(np.float32) * np.float32(size / 112.0)
-    matrix = _similarity(np.asarray(kps, dtype=np.float32), dst)
+    matrix = official_similarity(np.asarray(kps, dtype=np.float32), dst)
     return cv2.warpAffine(np.ascontiguousarray(image), matrix, (size, size), borderValue=0.0)
 
 
