@@ -15,12 +15,15 @@ float32. Each is set once per replica (``LynxPipeline`` calls these) and none ch
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
 
 # Kernels downloaded from a hub when first used: not for replicas, which run offline from pinned local files.
 _HUB_SUFFIX = "_hub"
+
+log = logging.getLogger("farm")
 
 
 def attention_backends() -> list[str]:
@@ -89,4 +92,5 @@ def strict_fp32(dtype: torch.dtype, device: str | torch.device) -> bool:
     if dtype != torch.float32 or torch.device(device).type != "cuda":
         return False
     set_fp32_flags({"matmul_allow_tf32": False, "cudnn_allow_tf32": False, "matmul_precision": "highest"})
+    log.info("lynx: fp32 on %s: TF32 off for matmuls and cuDNN convolutions (process-wide)", device)
     return True

@@ -215,8 +215,10 @@ class LynxPipeline:
         state = model.state
         state.clear()
         state.ref_mode = "record"
+        self._reset_step_cache()  # a record pass must run every block: nothing cached from another pass may stand in
         try:
-            self._forward(latent, torch.tensor([0], dtype=torch.long, device=self.device), text.to(latent.dtype), 1)
+            timestep = torch.tensor([0], dtype=torch.long, device=self.device)
+            self._forward(latent, timestep, text.to(latent.dtype), 1, "lynx-record")
             return state.recorded()
         finally:
             state.clear()
@@ -229,30 +231,40 @@ class LynxPipeline:
         return cond, uncond
 
     # ---------------------------------------------------------------- denoising
-    def _forward(self, latents: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor, samples: int) -> torch.Tensor:
+    def _forward(
+        self, latents: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor, samples: int, context: str
+    ) -> torch.Tensor:
+        """One transformer evaluation; with ``step_cache``, in the cache ``context`` of this kind of pass, so a
+        pass is only ever compared with the same pass at the previous step."""
         self.dit_forwards += 1
         self.dit_samples += samples
         transformer = self.model.transformer
         if self._cache_enabled:
-            with transformer.cache_context(f"lynx-{samples}"):
+            with transformer.cache_context(context):
                 return transformer(latents, timestep, text, return_dict=False)[0]
         return transformer(latents, timestep, text, return_dict=False)[0]
+
+    def _reset_step_cache(self) -> None:
+        """Forget every cached residual (a new video, or a record pass): ``step_cache`` never reuses across them."""
+        if self._cache_enabled:
+            self.model.transformer._reset_stateful_cache()
 
     def _run_passes(self, latents, t, passes, ip_scale, ref_scale, batched: bool) -> list[torch.Tensor]:
         """One transformer evaluation per guidance pass, or one stacked evaluation for all (same numbers); a batch
         that does not fit in GPU memory falls back to one pass at a time for the rest of the replica's life."""
         if batched and self._batch_fits and len(passes) > 1:
             try:
-                return self._evaluate(latents, t, [passes], ip_scale, ref_scale)
+                return self._evaluate(latents, t, [passes], ["lynx-batched"], ip_scale, ref_scale)
             except torch.cuda.OutOfMemoryError:
                 self._batch_fits = False
                 torch.cuda.empty_cache()
-        return self._evaluate(latents, t, [[p] for p in passes], ip_scale, ref_scale)
+        contexts = [f"lynx-pass-{k}" for k in range(len(passes))]
+        return self._evaluate(latents, t, [[p] for p in passes], contexts, ip_scale, ref_scale)
 
-    def _evaluate(self, latents, t, groups, ip_scale, ref_scale) -> list[torch.Tensor]:
+    def _evaluate(self, latents, t, groups, contexts, ip_scale, ref_scale) -> list[torch.Tensor]:
         state = self.model.state
         outs: list[torch.Tensor] = []
-        for group in groups:
+        for group, context in zip(groups, contexts, strict=True):
             n = len(group)
             state.clear()
             state.ip_scale, state.ref_scale = ip_scale, ref_scale
@@ -262,7 +274,7 @@ class LynxPipeline:
             text = torch.cat([p[0] for p in group])
             x = latents.to(self.dtype).expand(n, -1, -1, -1, -1)
             try:
-                noise = self._forward(x, t.expand(n), text, n)
+                noise = self._forward(x, t.expand(n), text, n, context)
             finally:
                 state.clear()
             outs.extend(noise.chunk(n))
@@ -349,6 +361,7 @@ class LynxPipeline:
             if params.guidance_scale_i is not None:
                 passes.append((neg, ip, ref))
         scheduler = self._scheduler(params.num_inference_steps)
+        self._reset_step_cache()  # each video starts with nothing cached from the one before
         g, gi = params.guidance_scale, params.guidance_scale_i
         timesteps = scheduler.timesteps if max_steps is None else scheduler.timesteps[:max_steps]
         for i, t in enumerate(timesteps):
