@@ -363,48 +363,15 @@ class Driver:
 
     # ------------------------------------------------------------------ main
     def run(self) -> RunSummary:
+        """Take the output, plan what is left, keep replicas fed until every row has a record, publish."""
         start = self.started = time.monotonic()
-        job = self.job
-        manifest = Manifest(job.manifest, job.storage_options)
-        self.total_rows = manifest.num_rows
-        defaults = self.defaults = row_defaults(job)
-        self.extra_columns = manifest.extra_columns
-        schema = results.result_schema(pa.schema([manifest.schema.field(c) for c in self.extra_columns]))
-        self.run_id = results.new_run_id()
-        self.lease = OutputLease(
-            self.layout,
-            job.storage_options,
-            run_id=self.run_id,
-            ttl_s=job.runtime.lease_ttl_s,
-            renew_every_s=job.runtime.lease_ttl_s / 4,
-        )
-        backend = build_backend(job.model_spec())
-        self.model_name = backend.describe()
-        self.maker = RecordMaker(self.model_name, backend.output_config(), metrics_config(job), self.extra_columns)
+        manifest = Manifest(self.job.manifest, self.job.storage_options)
+        schema = self._prepare(manifest)
         embedded = cluster.connect(self.address)
-        self.metrics = FarmMetrics(job.name, self.run_id)
+        self.metrics = FarmMetrics(self.job.name, self.run_id)
         self._check_output_reachable(embedded)
-        self.lease.acquire()
-        try:
-            self.lease.start_renewing()
-            done = self._plan_resume(manifest, defaults, schema)
-        except BaseException:
-            self.lease.release()
-            raise
-
-        self.pool = ReplicaPool(job, self._ask(embedded), job.resources.replicas, self.run_id, embedded)
-        self.scheduler = Scheduler(
-            self._row_stream(manifest, defaults, done),
-            cap=job.resources.in_flight_per_replica,
-            max_attempts=job.runtime.max_attempts,
-            row_timeout_s=job.runtime.row_timeout_s,
-            clock=time.monotonic,
-        )
-        self.pool.reconcile()
-        self.phase = "running"
-        self._write_job_json(status="running")
-        self.reporter = ProgressReporter(manifest.num_rows, self.progress, job.runtime.progress_every_s)
-        self._tick()
+        done = self._take_output(manifest, schema)
+        self._start(manifest, done, embedded)
         previous = signal.getsignal(signal.SIGTERM)
         if previous is not None and _in_main_thread():
             signal.signal(signal.SIGTERM, _raise_interrupt)
@@ -420,6 +387,53 @@ class Driver:
             if previous is not None and _in_main_thread():
                 signal.signal(signal.SIGTERM, previous)
         return summary
+
+    def _prepare(self, manifest: Manifest) -> pa.Schema:
+        """What this run is, before touching the cluster or the output: row defaults, the record maker (model and
+        metric settings), the run id and its lease; returns the results schema."""
+        job = self.job
+        self.total_rows = manifest.num_rows
+        self.defaults = row_defaults(job)
+        self.extra_columns = manifest.extra_columns
+        self.run_id = results.new_run_id()
+        self.lease = OutputLease(
+            self.layout,
+            job.storage_options,
+            run_id=self.run_id,
+            ttl_s=job.runtime.lease_ttl_s,
+            renew_every_s=job.runtime.lease_ttl_s / 4,
+        )
+        backend = build_backend(job.model_spec())
+        self.model_name = backend.describe()
+        self.maker = RecordMaker(self.model_name, backend.output_config(), metrics_config(job), self.extra_columns)
+        return results.result_schema(pa.schema([manifest.schema.field(c) for c in self.extra_columns]))
+
+    def _take_output(self, manifest: Manifest, schema: pa.Schema) -> set[str]:
+        """The output lease, then the resume plan under it (released again if planning refuses or fails)."""
+        self.lease.acquire()
+        try:
+            self.lease.start_renewing()
+            return self._plan_resume(manifest, self.defaults, schema)
+        except BaseException:
+            self.lease.release()
+            raise
+
+    def _start(self, manifest: Manifest, done: set[str], embedded: bool) -> None:
+        """The replica pool and the scheduler over the rows still to make; the run is now ``running``."""
+        job = self.job
+        self.pool = ReplicaPool(job, self._ask(embedded), job.resources.replicas, self.run_id, embedded)
+        self.scheduler = Scheduler(
+            self._row_stream(manifest, self.defaults, done),
+            cap=job.resources.in_flight_per_replica,
+            max_attempts=job.runtime.max_attempts,
+            row_timeout_s=job.runtime.row_timeout_s,
+            clock=time.monotonic,
+        )
+        self.pool.reconcile()
+        self.phase = "running"
+        self._write_job_json(status="running")
+        self.reporter = ProgressReporter(manifest.num_rows, self.progress, job.runtime.progress_every_s)
+        self._tick()
 
     def _finish(self, status: str, rows_seen: int, start: float) -> RunSummary:
         unsaved = None
