@@ -102,7 +102,7 @@ def write_clip_l14(folder: Path, seed: int = 0) -> Path:
     import torch
     from transformers import CLIPConfig, CLIPModel
 
-    from farm.metrics.tiny_clip import BOS, CLIP_MEAN, CLIP_STD, EOS, write_tiny_tokenizer
+    from farm.metrics.tiny_clip import BOS, EOS, write_preprocessor, write_tiny_tokenizer
 
     folder.mkdir(parents=True, exist_ok=True)
     vocab = write_tiny_tokenizer(folder)
@@ -112,22 +112,7 @@ def write_clip_l14(folder: Path, seed: int = 0) -> Path:
         torch.manual_seed(seed)
         model = CLIPModel(config)
     model.save_pretrained(str(folder), safe_serialization=True)
-    size = CLIP_L14_VISION["image_size"]
-    preprocessor = {
-        "crop_size": {"height": size, "width": size},
-        "do_center_crop": True,
-        "do_convert_rgb": True,
-        "do_normalize": True,
-        "do_rescale": True,
-        "do_resize": True,
-        "image_mean": CLIP_MEAN,
-        "image_processor_type": "CLIPImageProcessor",
-        "image_std": CLIP_STD,
-        "resample": 3,
-        "rescale_factor": 1 / 255,
-        "size": {"shortest_edge": size},
-    }
-    (folder / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2, sort_keys=True) + "\n")
+    write_preprocessor(folder, CLIP_L14_VISION["image_size"])
     return folder
 
 

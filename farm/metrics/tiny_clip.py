@@ -75,10 +75,10 @@ def tiny_config(vocab: dict[str, int]):
     return CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)
 
 
-def write_preprocessor(folder: Path) -> None:
-    """The official preprocessor_config.json shape, at the tiny image size."""
+def write_preprocessor(folder: Path, size: int = IMAGE_SIZE) -> None:
+    """The official preprocessor_config.json shape, at ``size`` (the tiny image size unless told)."""
     config = {
-        "crop_size": {"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        "crop_size": {"height": size, "width": size},
         "do_center_crop": True,
         "do_convert_rgb": True,
         "do_normalize": True,
@@ -89,7 +89,7 @@ def write_preprocessor(folder: Path) -> None:
         "image_std": CLIP_STD,
         "resample": 3,
         "rescale_factor": 1 / 255,
-        "size": {"shortest_edge": IMAGE_SIZE},
+        "size": {"shortest_edge": size},
     }
     (folder / "preprocessor_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
