@@ -58,13 +58,11 @@ def _read_part(
         return _damaged(uri, f"not a part file ({exc})", damaged)
     try:
         part = pq.ParquetFile(pa.BufferReader(data))
-        have = part.schema_arrow.names
-        missing = [c for c in REQUIRED_COLUMNS if c not in have]
-        if missing:
-            return _damaged(uri, f"not a result part: no {' / '.join(missing)} column", damaged)
-        id_type = part.schema_arrow.field("id").type
-        if not (pa.types.is_string(id_type) or pa.types.is_large_string(id_type)):
-            return _damaged(uri, f"not a result part: its id column is {id_type}, not text", damaged)
+        schema = part.schema_arrow
+        reason = _not_a_result_part(schema)
+        if reason:
+            return _damaged(uri, reason, damaged)
+        have = schema.names
         if columns is not None:
             columns = [c for c in columns if c in have]
         return part.read(columns=columns)
