@@ -121,12 +121,13 @@ def plan_resume(
     plan.removed = committed.num_rows - seen
     plan.unfingerprinted = joined.column("request_fingerprint").null_count
     regenerate, rescore, plan.redo = _classify(ctx, joined, retry_failed, verify_portraits)
+    old = _records(ctx.layout, regenerate | rescore)  # one read of the changed rows' whole records
     if regenerate or rescore:
-        plan.changes = describe_changes(ctx, regenerate, rescore)
+        plan.changes = describe_changes(ctx, old, regenerate, rescore)
     if (regenerate and not regenerate_changed) or (rescore and not rescore_changed):
         raise ChangedRows(_refusal(ctx.layout.root, regenerate, rescore, plan.changes))
     plan.regenerate = regenerate
-    plan.rescore = _records(ctx.layout, rescore)
+    plan.rescore = {key: old[key] for key in rescore if key in old}
     plan.keep = set(committed.column("id").to_pylist()) - plan.regenerate - set(plan.rescore) - plan.redo
     return plan
 
@@ -209,16 +210,16 @@ def _records(layout: OutputLayout, ids: set[str]) -> dict[str, Record]:
 
 
 # ---------------------------------------------------------------------- the summary users read
-def describe_changes(ctx: Context, regenerate: set[str], rescore: set[str]) -> list[str]:
-    """One line per changed setting: how many rows were made with which value, and what this run gives."""
-    lines = _input_changes(ctx, regenerate) if regenerate else []
+def describe_changes(ctx: Context, old: dict[str, Record], regenerate: set[str], rescore: set[str]) -> list[str]:
+    """One line per changed setting: how many rows were made with which value (``old``: their committed records),
+    and what this run gives."""
+    lines = _input_changes(ctx, {key: old[key] for key in regenerate if key in old}, regenerate) if regenerate else []
     if rescore:
-        lines.extend(_metrics_changes(ctx, rescore))
+        lines.extend(_metrics_changes(ctx, [old[key] for key in rescore if key in old]))
     return lines
 
 
-def _input_changes(ctx: Context, ids: set[str]) -> list[str]:
-    old = _records(ctx.layout, ids)
+def _input_changes(ctx: Context, old: dict[str, Record], ids: set[str]) -> list[str]:
     pairs: Counter[tuple[str, str, str]] = Counter()
     explained: set[str] = set()
     for key, row, error in _rows(ctx):
@@ -254,11 +255,9 @@ def _differences(
             yield name, _shown(before), _shown(after)
 
 
-def _metrics_changes(ctx: Context, ids: set[str]) -> list[str]:
-    old = table.read_results(ctx.layout, ["metrics_config"])
-    old = old.filter(pc.is_in(old.column("id"), pa.array(sorted(ids), pa.string())))
+def _metrics_changes(ctx: Context, old: list[Record]) -> list[str]:
     pairs: Counter[tuple[str, str, str]] = Counter()
-    for value, count in Counter(old.column("metrics_config").to_pylist()).items():
+    for value, count in Counter(rec.metrics_config for rec in old).items():
         for name, before, after in _json_differences("metrics", value, ctx.metrics_config):
             pairs[(name, before, after)] += count
     return [_line(name, before, after, count) for (name, before, after), count in pairs.most_common(12)]
