@@ -220,8 +220,11 @@ def publish(layout: OutputLayout) -> dict[str, Any]:
     before = len(layout.log_parts())
     moved = _adopt_legacy_parts(layout)
     damaged: list[DamagedPart] = []
-    removed, written = _consolidate(layout, survey(layout))
     parts = survey(layout, damaged)
+    removed, written = _consolidate(layout, parts)
+    if removed:  # the log's parts changed: read their footers again
+        damaged.clear()
+        parts = survey(layout, damaged)
     schema = unified_schema(parts)
     winners = find_winners(layout, parts)
     with tempfile.TemporaryDirectory(prefix="farm-publish-") as spill:
