@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from farm import storage
-from farm.records import COLUMNS, CORE, IDENTITY, METRICS, Record
+from farm.records import COLUMNS, CORE, IDENTITY, Record
 from farm.storage import OutputLayout
 
 log = logging.getLogger("farm")
@@ -32,7 +32,6 @@ def _arrow_field(column: Any) -> pa.Field:
 
 CORE_FIELDS: tuple[pa.Field, ...] = tuple(_arrow_field(c) for c in COLUMNS if c.metadata["group"] == CORE)
 IDENTITY_FIELDS: tuple[pa.Field, ...] = tuple(_arrow_field(c) for c in COLUMNS if c.metadata["group"] == IDENTITY)
-METRIC_PLUGIN_FIELDS: tuple[pa.Field, ...] = tuple(_arrow_field(c) for c in COLUMNS if c.metadata["group"] == METRICS)
 RESULT_FIELDS: tuple[pa.Field, ...] = tuple(_arrow_field(c) for c in COLUMNS)  # in Record's order
 
 RESERVED = frozenset(f.name for f in RESULT_FIELDS)

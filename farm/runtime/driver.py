@@ -122,7 +122,6 @@ class Driver:
         self.counts: Counter[str] = Counter()
         self.init_failures = 0
         self.ever_ready = False
-        self.fingerprint: str | None = None
         self.weights: dict[str, str | None] = {}  # replica key -> the model fingerprint it reported when ready
         self.resume = ResumePlan()
         self.defaults: RowDefaults | None = None
@@ -143,6 +142,11 @@ class Driver:
         self.scheduler: Scheduler | None = None
         self._last_reconcile = -1e9
         self._last_state = ""
+
+    @property
+    def fingerprint(self) -> str | None:
+        """The model fingerprint the first replica reported (``_job.json``); each record has its replica's own."""
+        return next((weights for weights in self.weights.values() if weights), None)
 
     # ------------------------------------------------------------------ setup
     def _ask(self, embedded: bool) -> Ask:
@@ -297,7 +301,6 @@ class Driver:
         self.scheduler.add_replica(event.key)
         self.ever_ready = True
         self.weights[event.key] = event.info.get("fingerprint")
-        self.fingerprint = self.fingerprint or event.info.get("fingerprint")
         self.model_name = event.info.get("model", self.model_name)
         log.info("%s ready on %s (%s)", event.key, event.info.get("node"), self.pool.waiting_for())
 
