@@ -171,7 +171,8 @@ def _load(args: argparse.Namespace, path: str | None = None):
         overrides["resources.replicas"] = args.replicas
     job = load_job(path, overrides)
     uris = [("manifest", job.manifest), ("output", job.output), ("identity.pack", job.identity.pack)]
-    uris += [(f"model.weights.{role}", uri) for role, uri in job.model.weights.items()]
+    uris += [(f"model.weights.{role}", uri) for role, uri in job.model.weight_uris().items()]
+    uris += [(f"model.weights.lora[{i}]", lora.path) for i, lora in enumerate(job.model.loras())]
     _check_protocols([(f"{path}: {where}", uri) for where, uri in uris])
     return job
 

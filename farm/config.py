@@ -17,7 +17,9 @@ from farm.faults import RetryPolicy
 from farm.images import ImageLimits
 from farm.params import SAMPLING_FIELDS, check_field, check_seed, coerce
 from farm.secrets import REDACTED
-from farm.types import ModelSpec
+from farm.types import LoraSpec, ModelSpec
+
+LORA_ROLE = "lora"  # the one weights role that is a list
 
 
 class SpecError(ValueError):
@@ -45,17 +47,44 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class LoraEntry(_Strict):
+    """One entry of ``model.weights.lora`` (a bare string is ``{path: <it>}``)."""
+
+    path: str = Field(description="A LoRA .safetensors file (diffusers, Wan or kohya keys): local path or fsspec URI")
+    scale: float = Field(default=1.0, description="Strength; 0 = the base model", allow_inf_nan=False)
+    fuse: bool = Field(default=True, description="Merge into the weights once (no cost per step) or run beside them")
+
+
 class ModelSection(_Strict):
     backend: str = Field(description="Backend name: lynx | still | simulated")
     variant: str | None = Field(default=None, description="Backend variant, e.g. lynx: full | lite")
-    weights: dict[str, str] = Field(
+    weights: dict[str, str | list[LoraEntry | str]] = Field(
         default_factory=dict,
-        description="Role -> local path or fsspec URI (lynx: base, adapter, arcface, face_pack)",
+        description="Role -> local path or fsspec URI (lynx: base, adapter, arcface, face_pack); "
+        "lora: a list of {path, scale, fuse} applied in order",
     )
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         default="auto", description="auto = bf16 on GPU, fp32 on CPU"
     )
     options: dict[str, Any] = Field(default_factory=dict, description="Backend-specific options")
+
+    @field_validator("weights")
+    @classmethod
+    def _only_lora_is_a_list(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for role, item in value.items():
+            if role == LORA_ROLE:
+                items = [item] if isinstance(item, str) else item
+                value[role] = [LoraEntry(path=e) if isinstance(e, str) else e for e in items]
+            elif not isinstance(item, str):
+                raise ValueError(f"weights.{role} must be one path or URI; only weights.{LORA_ROLE} is a list")
+        return value
+
+    def weight_uris(self) -> dict[str, str]:
+        """Role -> URI of the weights files and folders (LoRAs are ``loras()``)."""
+        return {role: uri for role, uri in self.weights.items() if role != LORA_ROLE}
+
+    def loras(self) -> tuple[LoraSpec, ...]:
+        return tuple(LoraSpec(e.path, e.scale, e.fuse) for e in self.weights.get(LORA_ROLE, []))
 
     @field_validator("backend")
     @classmethod
@@ -72,10 +101,11 @@ class ModelSection(_Strict):
         return ModelSpec(
             backend=self.backend,
             variant=self.variant,
-            weights=dict(self.weights),
+            weights=self.weight_uris(),
             dtype=self.dtype,
             options=dict(self.options),
             storage_options=dict(storage_options or {}),
+            loras=self.loras(),
         )
 
 
@@ -428,6 +458,16 @@ def ray_job_working_dir() -> str | None:
         return None
 
 
+def _absolute_weights(value: Any) -> Any:
+    """A weights path made absolute; in a LoRA list each entry's path (a string or ``{path: ...}``)."""
+    if isinstance(value, list):
+        return [
+            {**e, "path": _absolute_weights(e.get("path"))} if isinstance(e, dict) else _absolute_weights(e)
+            for e in value
+        ]
+    return os.path.abspath(value) if _is_relative_local(value) else value
+
+
 def _is_relative_local(value: Any) -> bool:
     return isinstance(value, str) and bool(value) and "://" not in value and not os.path.isabs(value)
 
@@ -446,7 +486,7 @@ def _absolute_paths(data: dict[str, Any], source: str) -> None:
             data[key] = os.path.abspath(data[key])
     model = data.get("model")
     if isinstance(model, dict) and isinstance(model.get("weights"), dict):
-        model["weights"] = {k: os.path.abspath(v) if _is_relative_local(v) else v for k, v in model["weights"].items()}
+        model["weights"] = {k: _absolute_weights(v) for k, v in model["weights"].items()}
     identity = data.get("identity")
     if isinstance(identity, dict) and _is_relative_local(identity.get("pack")):
         identity["pack"] = os.path.abspath(identity["pack"])

@@ -28,7 +28,7 @@ def digest(value: Any) -> str:
 
 
 def model_config(
-    backend: str, variant: str | None, dtype: str, weights: dict[str, str], output_options: dict[str, Any]
+    backend: str, variant: str | None, dtype: str, weights: dict[str, Any], output_options: dict[str, Any]
 ) -> str:
     """The model settings that shape a video, as canonical JSON: backend, variant, dtype, weight URIs (without
     credentials) and the backend options that change outputs (``Backend.SPEED_OPTIONS`` are left out). Credential

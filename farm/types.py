@@ -22,6 +22,15 @@ class ReplicaResources:
 
 
 @dataclass(frozen=True)
+class LoraSpec:
+    """One LoRA of ``model.weights.lora``: a ``.safetensors`` file, its strength, merged into the weights or not."""
+
+    path: str  # local path or fsspec URI
+    scale: float = 1.0  # 0 = the base model
+    fuse: bool = True  # merge once (no cost per step) or keep a low-rank side path (base weights untouched)
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     """The model section of a job spec, as plain data (``farm.config`` builds it)."""
 
@@ -31,6 +40,7 @@ class ModelSpec:
     dtype: str = "auto"  # auto | fp32 | bf16 | fp16 ; auto = bf16 on GPU, fp32 on CPU
     options: dict[str, Any] = field(default_factory=dict)  # backend-specific knobs
     storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec options for remote weight URIs
+    loras: tuple[LoraSpec, ...] = ()  # model.weights.lora, applied in order after the weights load
 
 
 @dataclass(frozen=True)

@@ -25,9 +25,12 @@ class Backend(ABC):
     # ``model.options`` that change speed or memory but never a video: left out of ``output_config``, so turning
     # them on does not make a rerun redo committed rows.
     SPEED_OPTIONS: ClassVar[frozenset[str]] = frozenset()
+    TAKES_LORAS: ClassVar[bool] = False  # whether ``model.weights.lora`` means anything to this backend
 
     def __init__(self, spec: ModelSpec) -> None:
         self.spec = spec
+        if spec.loras and not self.TAKES_LORAS:
+            raise ValueError(f"backend {self.name!r} takes no LoRAs; drop model.weights.lora (LoRAs are for lynx)")
 
     # --- declared without loading anything ---------------------------------------------------------------
     def resources(self, gpus_per_replica: float = 1.0) -> ReplicaResources:
@@ -55,7 +58,10 @@ class Backend(ABC):
     def output_config(self) -> str:
         """The settings that shape this backend's videos, as canonical JSON (``farm.fingerprints.model_config``)."""
         options = {k: v for k, v in self.spec.options.items() if k not in self.SPEED_OPTIONS | {"storage_options"}}
-        return model_config(self.name, self.spec.variant, self.spec.dtype, dict(self.spec.weights), options)
+        weights: dict[str, Any] = dict(self.spec.weights)
+        if self.spec.loras:  # ``fuse`` is left out: merged or beside, the same update (bf16 rounding aside)
+            weights["lora"] = [{"path": lora.path, "scale": lora.scale} for lora in self.spec.loras]
+        return model_config(self.name, self.spec.variant, self.spec.dtype, weights, options)
 
     # --- per replica -------------------------------------------------------------------------------------
     @abstractmethod

@@ -8,6 +8,10 @@ L2-normalised with a warning: identity conditioning is then not the official one
 ``arcface`` is given and ``face_detector`` is ``dlib``. ``dtype``: auto = bf16 on GPU, fp32 on CPU; fp32 on a GPU
 turns TF32 off in the replica (matmuls and cuDNN convolutions), so fp32 frames are fp32 frames.
 
+LoRAs (``model.weights.lora``: a list of ``{path, scale: 1.0, fuse: true}``): Wan2.1-T2V LoRAs in the diffusers, Wan
+(e.g. the 4-step distilled LoRAs) or kohya key layouts, applied in order once per replica before anything runs
+(``lora.py``). With a CFG-distilled LoRA, ``guidance_scale: 1.0`` makes each step one transformer pass.
+
 Options (``model.options``), all optional:
 
 * ``face_detector``: ``insightface`` (default, the pack's detector, as the official code) or ``dlib``.
@@ -82,6 +86,7 @@ def load_safety_classifier(target: str, model: str | None):
 
 class LynxBackend(Backend):
     name = "lynx"
+    TAKES_LORAS = True
     SPEED_OPTIONS = frozenset(
         {
             "batch_guidance",
@@ -126,10 +131,12 @@ class LynxBackend(Backend):
     def check_weights(self, deep: bool = False) -> list[str]:
         """Every weights role exists and holds what the loader needs (``precheck.py``; deep: safetensors headers and
         the adapter's layers against the variant), without loading anything."""
-        from farm.models.lynx.precheck import check_lynx_weights
+        from farm.models.lynx.precheck import check_loras, check_lynx_weights
 
         detector = str(self._option("face_detector", "insightface"))
-        return check_lynx_weights(dict(self.spec.weights), self.variant, detector, self._storage_options(), deep)
+        options = self._storage_options()
+        problems = check_lynx_weights(dict(self.spec.weights), self.variant, detector, options, deep)
+        return problems + check_loras(self.spec.loras, dict(self.spec.weights), options, deep)
 
     def _option(self, name: str, default: Any) -> Any:
         return self.spec.options.get(name, default)
@@ -154,6 +161,10 @@ class LynxBackend(Backend):
             device="cpu" if offload else device,
             storage_options=self._storage_options(),
         )
+        if self.spec.loras:  # before offloading, compiling or quantizing: they see the changed weights
+            from farm.models.lynx.lora import load_loras
+
+            load_loras(model.transformer, self.spec.loras, self._storage_options())
         if offload:
             apply_cpu_offload(model, device)
         if self._option("vae_tiling", False):
@@ -200,7 +211,15 @@ class LynxBackend(Backend):
             digest.update(b"face:irse50@" + embedder.fingerprint().encode())
         else:
             digest.update(b"face:pack-arcface-unit")
+        for lora in self.spec.loras:
+            digest.update(f"lora:{self._lora_fingerprint(lora.path)}:{lora.scale!r}".encode())
         return digest.hexdigest()[:16]
+
+    def _lora_fingerprint(self, uri: str) -> str:
+        from farm.models.lynx.lora import file_fingerprint
+        from farm.models.lynx.weights import local_file
+
+        return file_fingerprint(local_file(uri, self._storage_options(), role="weights.lora"))
 
     def _face_models(self):
         """(detector, embedder), loaded on first use: CPU workers call ``prepare_subject`` without ``setup``."""

@@ -335,3 +335,42 @@ def _deep(folders: dict[str, Folder], variant: str, storage_options: dict[str, A
         interval = ip_interval(folders["adapter"], variant, storage_options)
         problems.extend(adapter_structure(folders["adapter"], headers["adapter"], variant, transformer, interval))
     return problems
+
+
+# ------------------------------------------------------------------ LoRAs
+def check_loras(
+    loras, weights: dict[str, str], storage_options: dict[str, Any] | None = None, deep: bool = False
+) -> list[str]:
+    """Every ``model.weights.lora`` entry is a ``.safetensors`` file; deep: its keys name layers of the base."""
+    problems = []
+    for index, lora in enumerate(loras):
+        role = f"lora[{index}]"
+        if not lora.path.endswith(".safetensors"):
+            problems.append(f"weights.{role}: {lora.path!r} is not a .safetensors file; LoRAs are read as safetensors")
+            continue
+        problem = check_file(role, lora.path, storage_options)
+        if problem is None and deep:
+            problem = _lora_keys_problem(role, lora.path, weights.get("base"), storage_options)
+        if problem:
+            problems.append(problem)
+    return problems
+
+
+def _lora_keys_problem(role: str, uri: str, base: str | None, storage_options: dict[str, Any] | None) -> str | None:
+    from farm.models.lynx.lora_keys import LoraKeyError, map_keys
+
+    try:
+        fs, path = storage.get_fs(uri, storage_options)
+        header = read_header(uri, int(fs.size(path)), storage_options)
+    except HeaderError as exc:
+        return f"weights.{role}: {exc}; download the file again"
+    except Exception as exc:  # noqa: BLE001 - a storage fault while reading
+        return f"weights.{role}: cannot read {uri!r} ({type(exc).__name__}: {exc})"
+    config = read_transformer_config(Folder(base, {}), storage_options) if base else {}
+    if "num_layers" not in config:
+        return None  # the base's own check names a missing config
+    try:
+        map_keys(header, int(config["num_layers"]), where=f"weights.{role} {uri!r}")
+    except LoraKeyError as exc:
+        return str(exc)
+    return None
