@@ -161,3 +161,39 @@ def test_fp8_on_cpu_stays_close(monkeypatch):
     # Measured (torchao 0.18.0, torch 2.13.0 CPU): max |delta| 0.023, mean 0.0045, against a mean |output| of 0.49.
     delta = (after - before).abs()
     assert 0 < delta.mean() < 0.02 and delta.max() < 0.1
+
+
+# ------------------------------------------------------------------ the backend's option
+def lynx_spec(dtype: str = "auto", **options):
+    from farm.types import ModelSpec
+    from tests.models.lynx_helpers import adapter_dir, base_dir
+
+    weights = {"base": base_dir(), "adapter": adapter_dir("full")}
+    return ModelSpec(backend="lynx", variant="full", weights=weights, dtype=dtype, options=options)
+
+
+def test_the_backend_checks_quantize_when_the_job_is_read():
+    from farm.models.lynx.backend import LynxBackend
+
+    assert LynxBackend(lynx_spec(quantize="FP8")).quantize == "fp8"
+    with pytest.raises(ValueError, match="quantize='int3'"):
+        LynxBackend(lynx_spec(quantize="int3"))
+    with pytest.raises(ValueError, match="needs dtype bf16"):
+        LynxBackend(lynx_spec("fp32", quantize="fp8"))
+    # it shapes videos: a run that turns it on does not silently reuse committed rows
+    assert LynxBackend(lynx_spec(quantize="fp8")).output_config() != LynxBackend(lynx_spec()).output_config()
+
+
+def test_a_replica_that_cannot_run_fp8_fails_before_loading_weights(monkeypatch):
+    from farm.models.lynx import loader
+    from farm.models.lynx.backend import LynxBackend
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("weights were loaded before the device check")
+
+    monkeypatch.setattr(loader, "load_lynx", no_load)
+    with pytest.raises(RuntimeError, match="runs on cpu"):
+        LynxBackend(lynx_spec(quantize="fp8")).setup("cpu")
+    monkeypatch.setattr(quantize, "gpu_capability", lambda device: ((8, 0), "NVIDIA A100-SXM4-80GB"))
+    with pytest.raises(RuntimeError, match="A100"):
+        LynxBackend(lynx_spec("bf16", quantize="fp8")).setup("cuda:0")

@@ -27,6 +27,9 @@ Options (``model.options``), all optional:
 * ``compile`` (default false): ``torch.compile`` the transformer's repeated blocks once per replica (the first video
   pays the compilation; each kind of pass compiles one graph, shared by all 40 blocks). A new ``ip_scale`` or
   ``ref_scale`` value compiles once more (dynamo specialises on Python floats).
+* ``quantize``: ``fp8`` (torchao float8 dynamic quantization of the transformer blocks' linear layers; opt-in, it
+  CHANGES the frames; needs bf16, compute capability >= 8.9 (H100/H200) and ``torchao`` on the workers: a replica on
+  other hardware fails at start with the reason, before loading weights; ``quantize.py``).
 * ``prompt_cache_size`` (64), ``subject_cache_size`` (64), ``ref_cache_size`` (8): the per-replica LRU caches
   (lossless reuse; a 14B bf16 reference buffer is ~105 MB of GPU memory, two per portrait and seed).
 * ``safety_classifier``: ``"module:attr"`` of a callable ``frames (F,H,W,3) float32 -> bool`` (True = blocked), or
@@ -51,6 +54,7 @@ from farm.models.lynx.api import default_params, resolve_dtype
 from farm.models.lynx.execution import check_attention_backend
 from farm.models.lynx.face import LynxSubject, face_models, subject_from_image
 from farm.models.lynx.pipeline import OFFICIAL_NEGATIVE_PROMPT, Options
+from farm.models.lynx.quantize import check_quantize
 from farm.params import SamplingParams
 from farm.records import ErrorCode, RowError
 from farm.types import GenerationRequest
@@ -65,6 +69,7 @@ KNOWN_OPTIONS = frozenset(
         "step_cache",
         "attention_backend",
         "compile",
+        "quantize",
         "prompt_cache_size",
         "subject_cache_size",
         "ref_cache_size",
@@ -114,6 +119,9 @@ class LynxBackend(Backend):
             check_attention_backend(spec.options["attention_backend"])
         if not isinstance(spec.options.get("compile", False), bool):
             raise ValueError(f"lynx option compile={spec.options['compile']!r} must be true or false")
+        self.quantize = check_quantize(spec.options.get("quantize"))
+        if self.quantize and spec.dtype not in ("auto", "bf16"):
+            raise ValueError(f"lynx option quantize: {self.quantize} needs dtype bf16 (or auto), not {spec.dtype!r}")
         self.pipeline = None
         self._face = None
         self._safety = None
@@ -149,8 +157,11 @@ class LynxBackend(Backend):
     def setup(self, device: str) -> None:
         from farm.models.lynx.loader import apply_cpu_offload, load_lynx
         from farm.models.lynx.pipeline import LynxPipeline
+        from farm.models.lynx.quantize import fp8_support, quantize_transformer
 
         self.device = device
+        if self.quantize and (reason := fp8_support(device)):
+            raise RuntimeError(reason)  # before 30 GB of weights load onto a GPU that cannot run it
         dtype = resolve_dtype(self.spec.dtype, device)
         offload = bool(self._option("cpu_offload", False)) and device.startswith("cuda")
         model = load_lynx(
@@ -165,6 +176,8 @@ class LynxBackend(Backend):
             from farm.models.lynx.lora import load_loras
 
             load_loras(model.transformer, self.spec.loras, self._storage_options())
+        if self.quantize:
+            quantize_transformer(model.transformer, self.quantize, device)
         if offload:
             apply_cpu_offload(model, device)
         if self._option("vae_tiling", False):
