@@ -147,7 +147,12 @@ class Defaults(_Strict):
 
 
 class Resources(_Strict):
-    gpus_per_replica: float = Field(default=1.0, ge=0, description="GPUs pinned per replica (0 = CPU replicas)")
+    gpus_per_replica: float = Field(
+        default=1.0,
+        ge=0,
+        description="GPUs pinned per replica (0 = CPU replicas; lynx: 2-3 run a step's guidance passes on "
+        "separate GPUs)",
+    )
     cpus_per_replica: float = Field(default=1.0, gt=0, description="CPUs reserved per replica actor")
     replicas: int | Literal["all"] = Field(
         default="all",

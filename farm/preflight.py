@@ -33,6 +33,7 @@ class Measured:
     width: int
     s_per_step: float
     decode_s: float
+    passes: int  # transformer passes per step in the measured setting (guidance)
 
     @property
     def volume(self) -> int:
@@ -43,8 +44,8 @@ class Measured:
 # the "default" rows: full 3 guidance passes, lite 2). Update with that file.
 BENCHMARK_SOURCE = "benchmarks/results/lynx_gpu_h200.md"
 MEASURED_H200 = {
-    "full": Measured(frames=81, height=480, width=832, s_per_step=10.13, decode_s=1.83),
-    "lite": Measured(frames=121, height=480, width=832, s_per_step=12.00, decode_s=2.73),
+    "full": Measured(frames=81, height=480, width=832, s_per_step=10.13, decode_s=1.83, passes=3),
+    "lite": Measured(frames=121, height=480, width=832, s_per_step=12.00, decode_s=2.73, passes=2),
 }
 
 
@@ -79,7 +80,8 @@ class GpuEstimate:
             f"GPU time estimate: {self.rows} rows x {_duration(per_row)} = {hours:,.{1 if hours >= 10 else 3}f} "
             "GPU-hours on "
             f"one NVIDIA H200 ({self.label}; measured {m.s_per_step:g} s/step at {m.frames}x{m.height}x{m.width} "
-            f"in {BENCHMARK_SOURCE}, scaled linearly with steps and frames x pixels; an estimate, not a quote)"
+            f"in {BENCHMARK_SOURCE}, scaled linearly with steps, guidance passes and frames x pixels; an estimate, "
+            "not a quote)"
         )
 
 
@@ -87,10 +89,20 @@ def _duration(seconds: float) -> str:
     return f"{seconds:.1f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
 
+def guidance_passes(params: SamplingParams) -> int:
+    """Transformer passes per step: 1 without guidance (``guidance_scale <= 1``, e.g. a CFG-distilled LoRA), 2 with
+    it, 3 with the ID-only pass (``guidance_scale_i``)."""
+    if params.guidance_scale <= 1.0:
+        return 1
+    return 3 if params.guidance_scale_i is not None else 2
+
+
 def row_seconds(measured: Measured, params: SamplingParams) -> float:
-    """Steps x s/step plus one decode, both scaled by frames x pixels relative to the measured setting."""
+    """Steps x s/step (per guidance pass) plus one decode, both scaled by frames x pixels relative to the measured
+    setting."""
     scale = params.num_frames * params.height * params.width / measured.volume
-    return (params.num_inference_steps * measured.s_per_step + measured.decode_s) * scale
+    step = measured.s_per_step * guidance_passes(params) / measured.passes
+    return (params.num_inference_steps * step + measured.decode_s) * scale
 
 
 def estimate_for(job: JobSpec, rows: int | None = None, params: SamplingParams | None = None) -> GpuEstimate:

@@ -203,3 +203,14 @@ def test_a_replica_start_failure_reaches_the_user_as_the_loaders_line() -> None:
         "(full traceback in /tmp/ray/logs/farm-replica-0-1.log on host:abcd)"
     )
     assert _start_failure(RuntimeError("node died")) == "RuntimeError: node died"
+
+
+def test_estimate_counts_guidance_passes() -> None:
+    """A CFG-distilled LoRA at guidance 1.0 runs one pass per step where the measured default ran three."""
+    full, lite = MEASURED_H200["full"], MEASURED_H200["lite"]
+    distilled = SamplingParams(num_frames=81, height=480, width=832, num_inference_steps=4, guidance_scale=1.0)
+    assert row_seconds(full, distilled) == pytest.approx(4 * 10.13 / 3 + 1.83)
+    two_pass = SamplingParams(num_frames=121, height=480, width=832, num_inference_steps=50, guidance_scale_i=None)
+    assert row_seconds(lite, two_pass) == pytest.approx(50 * 12.00 + 2.73)
+    three_pass = SamplingParams(num_frames=121, height=480, width=832, num_inference_steps=50, guidance_scale_i=2.0)
+    assert row_seconds(lite, three_pass) == pytest.approx(50 * 12.00 * 3 / 2 + 2.73)

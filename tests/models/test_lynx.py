@@ -161,10 +161,10 @@ def test_batched_guidance_falls_back_when_the_batch_does_not_fit() -> None:
     pipe = LynxPipeline(pipeline("full").model)
     real_forward = pipe._forward
 
-    def forward(latents, timestep, text, samples, context):
+    def forward(latents, timestep, text, samples, context, transformer=None):
         if samples > 1:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real_forward(latents, timestep, text, samples, context)
+        return real_forward(latents, timestep, text, samples, context, transformer)
 
     pipe._forward = forward
     emb, face = inputs(0)

@@ -19,7 +19,9 @@ are kept in bounded LRU caches.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +32,7 @@ import torch
 
 from farm.models.lynx import execution
 from farm.models.lynx.loader import LynxModel
+from farm.models.lynx.multi_gpu import DeviceCopies, PassModel, copy_to, split_passes
 from farm.params import SamplingParams
 
 REF_PROMPT = "image of a face"
@@ -103,6 +106,7 @@ class Options:
     attention_backend: str | None = None  # a diffusers dispatch name (see ``execution``); None = PyTorch SDPA
     compile: bool = False  # torch.compile the transformer's repeated blocks (once; see ``execution``)
     compile_backend: str = "inductor"  # tests use "aot_eager" (same graphs and guards, no code generation)
+    guidance_devices: tuple[str, ...] = ()  # more devices, one transformer copy each, for guidance passes 2-3
 
 
 class LynxPipeline:
@@ -122,16 +126,29 @@ class LynxPipeline:
         self.dit_forwards = 0  # every transformer call, batched or not, counts once
         self.dit_samples = 0  # every sample through the transformer (a 3-way batched call counts 3)
         self._cache_enabled = False
+        self._count_lock = threading.Lock()  # guidance passes on several devices count from their threads
         execution.strict_fp32(model.dtype, model.device)
-        if self.options.attention_backend is not None:
-            execution.set_attention_backend(self.model.transformer, self.options.attention_backend)
-        if self.options.compile:
-            execution.compile_blocks(self.model.transformer, self.options.compile_backend)
+        self.pass_models = self._pass_models()
+        for pass_model in self.pass_models:
+            if self.options.attention_backend is not None:
+                execution.set_attention_backend(pass_model.transformer, self.options.attention_backend)
+            if self.options.compile:
+                execution.compile_blocks(pass_model.transformer, self.options.compile_backend)
+        self._copies = DeviceCopies()
+        self._pool = None  # threads for guidance passes on several devices, made on first use
+        self._split_warm = not self.options.compile  # the first compiled step runs its devices one after another
         if self.options.step_cache is not None:
             from diffusers import FirstBlockCacheConfig
 
             self.model.transformer.enable_cache(FirstBlockCacheConfig(threshold=float(self.options.step_cache)))
             self._cache_enabled = True
+
+    def _pass_models(self) -> list[PassModel]:
+        primary = PassModel(self.model.transformer, self.model.state, self.model.device)
+        devices = self.options.guidance_devices
+        if devices and self.options.step_cache is not None:
+            raise ValueError("step_cache keeps state per transformer: it does not combine with guidance across GPUs")
+        return [primary] + [copy_to(primary, device) for device in devices]
 
     # ---------------------------------------------------------------- conditioning
     @property
@@ -232,13 +249,21 @@ class LynxPipeline:
 
     # ---------------------------------------------------------------- denoising
     def _forward(
-        self, latents: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor, samples: int, context: str
+        self,
+        latents: torch.Tensor,
+        timestep: torch.Tensor,
+        text: torch.Tensor,
+        samples: int,
+        context: str,
+        transformer: Any = None,
     ) -> torch.Tensor:
-        """One transformer evaluation; with ``step_cache``, in the cache ``context`` of this kind of pass, so a
-        pass is only ever compared with the same pass at the previous step."""
-        self.dit_forwards += 1
-        self.dit_samples += samples
-        transformer = self.model.transformer
+        """One transformer evaluation (on the model's own transformer unless another copy is given); with
+        ``step_cache``, in the cache ``context`` of this kind of pass, so a pass is only ever compared with the same
+        pass at the previous step."""
+        with self._count_lock:
+            self.dit_forwards += 1
+            self.dit_samples += samples
+        transformer = self.model.transformer if transformer is None else transformer
         if self._cache_enabled:
             with transformer.cache_context(context):
                 return transformer(latents, timestep, text, return_dict=False)[0]
@@ -251,7 +276,10 @@ class LynxPipeline:
 
     def _run_passes(self, latents, t, passes, ip_scale, ref_scale, batched: bool) -> list[torch.Tensor]:
         """One transformer evaluation per guidance pass, or one stacked evaluation for all (same numbers); a batch
-        that does not fit in GPU memory falls back to one pass at a time for the rest of the replica's life."""
+        that does not fit in GPU memory falls back to one pass at a time for the rest of the replica's life. With
+        more than one device, the passes run on them at the same time (``_run_split``)."""
+        if len(self.pass_models) > 1 and len(passes) > 1:
+            return self._run_split(latents, t, passes, ip_scale, ref_scale, batched and self._batch_fits)
         if batched and self._batch_fits and len(passes) > 1:
             try:
                 return self._evaluate(latents, t, [passes], ["lynx-batched"], ip_scale, ref_scale)
@@ -261,8 +289,51 @@ class LynxPipeline:
         contexts = [f"lynx-pass-{k}" for k in range(len(passes))]
         return self._evaluate(latents, t, [[p] for p in passes], contexts, ip_scale, ref_scale)
 
-    def _evaluate(self, latents, t, groups, contexts, ip_scale, ref_scale) -> list[torch.Tensor]:
-        state = self.model.state
+    def _run_split(self, latents, t, passes, ip_scale, ref_scale, batched: bool) -> list[torch.Tensor]:
+        """Each device runs its share of the passes (``split_passes``) in its own thread; the predictions come back
+        to the first device in pass order."""
+        shares = split_passes(len(passes), len(self.pass_models))
+
+        def run(pass_model: PassModel, indexes: list[int]) -> list[torch.Tensor]:
+            return self._run_on(pass_model, latents, t, [passes[i] for i in indexes], ip_scale, ref_scale, batched)
+
+        if self._split_warm:
+            if self._pool is None:
+                from concurrent.futures import ThreadPoolExecutor
+
+                self._pool = ThreadPoolExecutor(len(self.pass_models), thread_name_prefix="lynx-guidance")
+            futures = [self._pool.submit(run, self.pass_models[k], share) for k, share in enumerate(shares)]
+            results = [future.result() for future in futures]
+        else:  # compilation (dynamo) is not thread-safe: the first step compiles each copy in turn
+            results = [run(self.pass_models[k], share) for k, share in enumerate(shares)]
+            self._split_warm = True
+        outs: list[torch.Tensor | None] = [None] * len(passes)
+        for share, result in zip(shares, results, strict=True):
+            for index, out in zip(share, result, strict=True):
+                outs[index] = out.to(self.device)
+        return outs  # type: ignore[return-value]
+
+    @torch.no_grad()  # grad mode is per thread: the pool's threads start with it on
+    def _run_on(self, pass_model: PassModel, latents, t, passes, ip_scale, ref_scale, batched) -> list[torch.Tensor]:
+        device = pass_model.device
+        moved = [
+            (
+                self._copies.to(text, device),
+                self._copies.to(ip, device),
+                None if ref is None else tuple(self._copies.to(block, device) for block in ref),
+            )
+            for text, ip, ref in passes
+        ]
+        groups = [moved] if batched and len(moved) > 1 else [[p] for p in moved]
+        contexts = [f"lynx-{device}-{k}" for k in range(len(groups))]
+        context = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+        with context:
+            latents, t = latents.to(device), t.to(device)
+            return self._evaluate(latents, t, groups, contexts, ip_scale, ref_scale, pass_model)
+
+    def _evaluate(self, latents, t, groups, contexts, ip_scale, ref_scale, pass_model=None) -> list[torch.Tensor]:
+        pass_model = pass_model or self.pass_models[0]
+        state = pass_model.state
         outs: list[torch.Tensor] = []
         for group, context in zip(groups, contexts, strict=True):
             n = len(group)
@@ -274,7 +345,7 @@ class LynxPipeline:
             text = torch.cat([p[0] for p in group])
             x = latents.to(self.dtype).expand(n, -1, -1, -1, -1)
             try:
-                noise = self._forward(x, t.expand(n), text, n, context)
+                noise = self._forward(x, t.expand(n), text, n, context, pass_model.transformer)
             finally:
                 state.clear()
             outs.extend(noise.chunk(n))
@@ -362,6 +433,7 @@ class LynxPipeline:
                 passes.append((neg, ip, ref))
         scheduler = self._scheduler(params.num_inference_steps)
         self._reset_step_cache()  # each video starts with nothing cached from the one before
+        self._copies.clear()  # conditioning moved to other devices for the video before
         g, gi = params.guidance_scale, params.guidance_scale_i
         timesteps = scheduler.timesteps if max_steps is None else scheduler.timesteps[:max_steps]
         for i, t in enumerate(timesteps):
