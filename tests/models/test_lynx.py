@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from farm.models.lynx.pipeline import LynxPipeline, Options, official_flow_sigmas
+from farm.models.lynx.pipeline import LynxPipeline, Options
+from farm.models.lynx.samplers import official_flow_sigmas
 from farm.params import SamplingParams
 from tests.models.lynx_helpers import FAST, FAST_2PASS, NEGATIVE, PROMPT, SMALL, inputs, pipeline
 
@@ -83,9 +84,9 @@ def test_lite_ip_scale_zero_disables_the_id_adapter() -> None:
 
 def test_official_schedule_is_default_and_differs_from_diffusers() -> None:
     pipe = pipeline("lite")
-    assert [int(t) for t in pipe._scheduler(4).timesteps] == [999, 899, 749, 499]  # diffusers 0.33.1's
+    assert [int(t) for t in pipe._scheduler(4, 0).timesteps] == [999, 899, 749, 499]  # diffusers 0.33.1's
     other = LynxPipeline(pipe.model, Options(schedule="diffusers"))
-    assert [int(t) for t in other._scheduler(4).timesteps] == [999, 900, 750, 500]
+    assert [int(t) for t in other._scheduler(4, 0).timesteps] == [999, 900, 750, 500]
     assert official_flow_sigmas(4)[0] == pytest.approx(0.999)
     emb, face = inputs(0)
     alt = other.generate(emb, face, PROMPT, NEGATIVE, FAST_2PASS, 42)

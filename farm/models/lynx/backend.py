@@ -17,6 +17,9 @@ Options (``model.options``), all optional:
 * ``face_detector``: ``insightface`` (default, the pack's detector, as the official code) or ``dlib``.
 * ``batch_guidance`` (default true): run the 2-3 guidance passes as one batched forward (same numbers, more memory).
 * ``schedule``: ``official`` (default; diffusers 0.33.1's UniPC sigmas, as the official code ran) or ``diffusers``.
+* ``sampler``: ``unipc`` (default, official), ``euler`` or ``distill`` (the sampler step-distilled LoRAs were trained
+  for); ``flow_shift``: the sigma shift (default: the base's scheduler config, 3.0; distilled LoRAs: 5.0). Both
+  change the frames (``samplers.py``).
 * ``cpu_offload`` (default false): keep the text encoder on the CPU and stream the transformer's blocks to the GPU
   (diffusers group offloading) for GPUs under 80 GB. ``vae_tiling`` (default false): tiled VAE decode.
 * ``step_cache``: a FirstBlockCache threshold (e.g. 0.05). Opt-in; it CHANGES the frames (skips blocks when the
@@ -60,6 +63,7 @@ from farm.models.lynx.execution import check_attention_backend
 from farm.models.lynx.face import LynxSubject, face_models, subject_from_image
 from farm.models.lynx.pipeline import OFFICIAL_NEGATIVE_PROMPT, Options
 from farm.models.lynx.quantize import check_quantize
+from farm.models.lynx.samplers import check_sampler
 from farm.params import SamplingParams
 from farm.records import ErrorCode, RowError
 from farm.types import GenerationRequest
@@ -71,6 +75,8 @@ KNOWN_OPTIONS = frozenset(
         "face_detector",
         "batch_guidance",
         "schedule",
+        "sampler",
+        "flow_shift",
         "cpu_offload",
         "vae_tiling",
         "step_cache",
@@ -122,6 +128,11 @@ class LynxBackend(Backend):
         for role in ("base", "adapter"):
             if role not in spec.weights:
                 raise ValueError(f"lynx needs model.weights.{role} (see the README's Lynx section)")
+        check_sampler(
+            str(spec.options.get("sampler", "unipc")),
+            str(spec.options.get("schedule", "official")),
+            spec.options.get("flow_shift"),
+        )
         if spec.options.get("attention_backend") is not None:
             check_attention_backend(spec.options["attention_backend"])
         if not isinstance(spec.options.get("compile", False), bool):
@@ -206,6 +217,8 @@ class LynxBackend(Backend):
         return Options(
             batch_guidance=bool(self._option("batch_guidance", True)),
             schedule=str(self._option("schedule", "official")),
+            sampler=str(self._option("sampler", "unipc")),
+            flow_shift=self._option("flow_shift", None),
             step_cache=self._option("step_cache", None),
             prompt_cache_size=int(self._option("prompt_cache_size", 64)),
             subject_cache_size=int(self._option("subject_cache_size", 64)),

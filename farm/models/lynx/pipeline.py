@@ -7,7 +7,8 @@ Numerics follow the official inference (fp32 on CPU agrees within 1e-3; see the 
   ``seed``; reference-image VAE sampling: a fresh CPU generator seeded ``seed + 1`` for the face and again for the
   all-zero image (so both draw the same noise);
 * schedule: the official (diffusers 0.33.1) UniPC flow sigmas by default (``schedule="official"``);
-  ``schedule="diffusers"`` uses the installed diffusers' own spacing instead (different frames);
+  ``schedule="diffusers"`` uses the installed diffusers' own spacing instead (different frames); other samplers
+  (``euler``, ``distill`` for step-distilled LoRAs) and ``flow_shift`` are in ``samplers.py``;
 * prompts are cleaned as Wan does, padded to 512 tokens with zero embeddings, and the padding is attended;
 * unconditional ID tokens = the resampler applied to a zero embedding; unconditional reference = the buffer from
   the all-zero image; the ID-only pass uses the negative prompt with the real ID tokens and reference.
@@ -33,13 +34,13 @@ import torch
 from farm.models.lynx import execution
 from farm.models.lynx.loader import LynxModel
 from farm.models.lynx.multi_gpu import DeviceCopies, PassModel, copy_to, split_passes
+from farm.models.lynx.samplers import check_sampler, make_sampler
 from farm.params import SamplingParams
 
 REF_PROMPT = "image of a face"
 MAX_TEXT_TOKENS = 512
 REF_FACE_SIZE = 256
 ARCFACE_DIM = 512
-SCHEDULES = ("official", "diffusers")
 RefBuffer = tuple[torch.Tensor, ...]  # one recorded self-attention input per block, in block order
 
 # The official scripts' negative prompt (infer.py / infer_lite.py).
@@ -77,12 +78,6 @@ class LRU:
         self.data.clear()
 
 
-def official_flow_sigmas(num_steps: int, num_train_timesteps: int = 1000) -> np.ndarray:
-    """The unshifted flow sigmas diffusers 0.33.1 uses (1 - 1/N down to 1/n steps); the scheduler shifts them."""
-    alphas = np.linspace(1, 1 / num_train_timesteps, num_steps + 1)
-    return np.flip(1.0 - alphas)[:-1].copy()
-
-
 def digest(array: np.ndarray) -> str:
     arr = np.ascontiguousarray(array)
     return hashlib.sha256(arr.tobytes() + str((arr.dtype, arr.shape)).encode()).hexdigest()[:24]
@@ -99,6 +94,8 @@ class Options:
 
     batch_guidance: bool = True
     schedule: str = "official"
+    sampler: str = "unipc"  # unipc | euler | distill (``samplers.py``)
+    flow_shift: float | None = None  # None: the base's scheduler config
     step_cache: float | None = None
     prompt_cache_size: int = 64
     subject_cache_size: int = 64
@@ -115,8 +112,7 @@ class LynxPipeline:
     def __init__(self, model: LynxModel, options: Options | None = None) -> None:
         self.model = model
         self.options = options or Options()
-        if self.options.schedule not in SCHEDULES:
-            raise ValueError(f"schedule={self.options.schedule!r} is unknown; choose one of {SCHEDULES}")
+        check_sampler(self.options.sampler, self.options.schedule, self.options.flow_shift)
         n = self.options.subject_cache_size
         self.prompt_cache = LRU(self.options.prompt_cache_size)
         self.id_cache = LRU(n)
@@ -351,16 +347,10 @@ class LynxPipeline:
             outs.extend(noise.chunk(n))
         return outs
 
-    def _scheduler(self, steps: int):
-        from diffusers import UniPCMultistepScheduler
-
-        scheduler = UniPCMultistepScheduler.from_config(self.model.scheduler.config)
-        if self.options.schedule == "official":
-            sigmas = official_flow_sigmas(steps, scheduler.config.num_train_timesteps)
-            scheduler.set_timesteps(sigmas=sigmas, device=self.device)
-        else:
-            scheduler.set_timesteps(steps, device=self.device)
-        return scheduler
+    def _scheduler(self, steps: int, seed: int):
+        options = self.options
+        config = self.model.scheduler.config
+        return make_sampler(options.sampler, options.schedule, config, steps, self.device, options.flow_shift, seed)
 
     def check(self, params: SamplingParams) -> None:
         params.check()
@@ -431,7 +421,7 @@ class LynxPipeline:
             passes.append((neg, ip0, ref0))
             if params.guidance_scale_i is not None:
                 passes.append((neg, ip, ref))
-        scheduler = self._scheduler(params.num_inference_steps)
+        scheduler = self._scheduler(params.num_inference_steps, seed)
         self._reset_step_cache()  # each video starts with nothing cached from the one before
         self._copies.clear()  # conditioning moved to other devices for the video before
         g, gi = params.guidance_scale, params.guidance_scale_i
