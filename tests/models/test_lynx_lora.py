@@ -161,14 +161,17 @@ def test_wan_whole_weight_deltas_apply_to_norms_and_modulation(tmp_path: Path, u
     extra = {
         "diffusion_model.blocks.0.norm3.diff": torch.full_like(norm, 0.25),
         "diffusion_model.blocks.1.modulation.diff": torch.full_like(model.transformer.blocks[1].scale_shift_table, 0.5),
+        "diffusion_model.blocks.2.diff_m": torch.full_like(model.transformer.blocks[2].scale_shift_table, 0.125),
         "diffusion_model.head.modulation.diff": torch.full_like(model.transformer.scale_shift_table, -1.0),
     }
     path = write_wan(tmp_path / "w.safetensors", {}, extra=extra)
     before_norm = norm.detach().clone()
     before_table = model.transformer.blocks[1].scale_shift_table.detach().clone()
+    before_m = model.transformer.blocks[2].scale_shift_table.detach().clone()  # lightx2v's diff_m
     apply_lora(model.transformer, read_lora(path, len(model.transformer.blocks)), scale=2.0)
     torch.testing.assert_close(norm.detach(), before_norm + 0.5)
     torch.testing.assert_close(model.transformer.blocks[1].scale_shift_table.detach(), before_table + 1.0)
+    torch.testing.assert_close(model.transformer.blocks[2].scale_shift_table.detach(), before_m + 0.25)
 
 
 def test_unfused_lora_under_compile_gives_the_same_frames(tmp_path: Path, updates) -> None:
@@ -327,3 +330,53 @@ def test_guidance_scale_one_makes_a_step_one_pass() -> None:
     pipe.generate(embedding, face, PROMPT, NEGATIVE, params, 3)
     record_passes = 2  # the Ref-adapter's reference and unconditional-reference passes
     assert pipe.dit_samples == 4 + record_passes
+
+
+def test_a_lightx2v_shaped_file_applies_every_kind_of_entry(tmp_path: Path) -> None:
+    """The step-distilled LoRAs carry, beside the pairs, bias deltas on every linear layer, whole-weight deltas of
+    the norms, the patch embedding and the modulation tables (``diff_m``), and entries on the embedders and head."""
+    model = load()
+    transformer = model.transformer
+    gen = torch.Generator().manual_seed(3)
+    tensors: dict[str, torch.Tensor] = {}
+    expect: dict[str, str] = {}  # file key -> the parameter it must change
+
+    def add(key: str, param: str) -> None:
+        tensors[f"diffusion_model.{key}"] = torch.randn(transformer.get_parameter(param).shape, generator=gen) * 0.01
+        expect[f"diffusion_model.{key}"] = param
+
+    for i in range(len(transformer.blocks)):
+        for wan, diffusers in [*BLOCK_PAIRS, ("cross_attn.k", "attn2.to_k")]:
+            out, inp = transformer.get_parameter(f"blocks.{i}.{diffusers}.weight").shape
+            key = f"diffusion_model.blocks.{i}.{wan}"
+            tensors[f"{key}.lora_down.weight"] = torch.randn(8, inp, generator=gen)
+            tensors[f"{key}.lora_up.weight"] = torch.randn(out, 8, generator=gen)
+            tensors[f"{key}.alpha"] = torch.tensor(8.0)
+            add(f"blocks.{i}.{wan}.diff_b", f"blocks.{i}.{diffusers}.bias")
+        add(f"blocks.{i}.norm3.diff", f"blocks.{i}.norm2.weight")
+        add(f"blocks.{i}.norm3.diff_b", f"blocks.{i}.norm2.bias")
+        add(f"blocks.{i}.self_attn.norm_q.diff", f"blocks.{i}.attn1.norm_q.weight")
+        add(f"blocks.{i}.cross_attn.norm_k.diff", f"blocks.{i}.attn2.norm_k.weight")
+        add(f"blocks.{i}.diff_m", f"blocks.{i}.scale_shift_table")
+    for key, param in [
+        ("patch_embedding.diff", "patch_embedding.weight"),
+        ("patch_embedding.diff_b", "patch_embedding.bias"),
+        ("text_embedding.0.diff_b", "condition_embedder.text_embedder.linear_1.bias"),
+        ("time_embedding.2.diff", "condition_embedder.time_embedder.linear_2.weight"),
+        ("time_projection.1.diff_b", "condition_embedder.time_proj.bias"),
+        ("head.head.diff_b", "proj_out.bias"),
+        ("head.modulation.diff", "scale_shift_table"),
+    ]:
+        add(key, param)
+    path = tmp_path / "lightx2v_like.safetensors"
+    save_file(tensors, str(path))
+    before = {name: p.detach().clone() for name, p in transformer.named_parameters()}
+    lora = read_lora(path, len(transformer.blocks))
+    assert lora.layout == "wan"
+    apply_lora(transformer, lora)
+    after = dict(transformer.named_parameters())
+    for key, param in expect.items():
+        assert not torch.equal(after[param], before[param]), key
+    pairs = {f"{name}.weight" for name in lora.layers if lora.layers[name].down is not None}
+    changed = {n for n in before if not torch.equal(after[n], before[n])}
+    assert changed == set(expect.values()) | pairs  # and nothing else

@@ -6,7 +6,7 @@ Three key layouts are in use for Wan2.1 LoRAs, and one file may carry several ki
 * **wan**: the module names of Wan's own code, as the step-distilled LoRAs users run with Wan-14B (lightx2v),
   DiffSynth and most trainers write them: ``diffusion_model.blocks.0.self_attn.q.lora_down.weight`` (or
   ``lora_A``), ``.lora_up.weight`` (or ``lora_B``), ``.alpha``, ``.diff_b`` (a bias delta), ``.diff`` (a whole
-  weight delta, e.g. of a norm or the modulation table);
+  weight delta, e.g. of a norm), ``blocks.0.diff_m`` (a delta of the block's modulation table);
 * **diffusers** (PEFT): ``transformer.blocks.0.attn1.to_q.lora_A.weight``, ``.lora_B.weight``, ``.lora_B.bias``
   (a bias delta); alpha in the safetensors metadata (``lora.py`` reads it);
 * **kohya** (musubi-tuner, ai-toolkit): ``lora_unet_blocks_0_self_attn_q.lora_down.weight``, ``.alpha`` — the
@@ -54,7 +54,7 @@ LAYOUTS = ("wan", "diffusers")
 _PAIR = re.compile(
     r"^(?P<path>.+?)\.(?P<kind>lora_A|lora_B|lora_down|lora_up)(?:\.(?P<adapter>[^.]+))?\.(?P<param>weight|bias)$"
 )
-_SINGLE = re.compile(r"^(?P<path>.+)\.(?P<kind>alpha|diff_b|diff|dora_scale)$")
+_SINGLE = re.compile(r"^(?P<path>.+)\.(?P<kind>alpha|diff_b|diff_m|diff|dora_scale)$")
 _DOWN, _UP = ("lora_A", "lora_down"), ("lora_B", "lora_up")
 _I2V_MARKS = ("k_img", "v_img", "img_emb", "norm_k_img")
 
@@ -83,8 +83,10 @@ def split_key(key: str) -> tuple[str, str]:
     if single:
         if single["kind"] == "dora_scale":
             raise LoraKeyError(f"{key!r}: DoRA LoRAs (dora_scale) are not supported; use a plain LoRA")
-        part = {"alpha": "alpha", "diff_b": "bias", "diff": "diff"}[single["kind"]]
-        return strip_prefixes(single["path"]), part
+        path = strip_prefixes(single["path"])
+        if single["kind"] == "diff_m":  # a delta of the block's (or head's) modulation table, named on the block
+            return f"{path}.modulation", "diff"
+        return path, {"alpha": "alpha", "diff_b": "bias", "diff": "diff"}[single["kind"]]
     raise LoraKeyError(
         f"{key!r} is not a LoRA entry (expected .lora_A/.lora_B/.lora_down/.lora_up weights, .alpha, .diff, .diff_b)"
     )
