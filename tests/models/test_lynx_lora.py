@@ -201,6 +201,15 @@ def test_unfused_lora_under_compile_gives_the_same_frames(tmp_path: Path, update
             },
             "another Wan size",
         ),
+        (
+            {
+                "diffusion_model.blocks.0.self_attn.q.lora_down.weight": (4, 32),
+                "diffusion_model.blocks.0.self_attn.q.lora_up.weight": (32, 4),
+                "diffusion_model.blocks.2.ffn.2.diff_b": (64,),  # every earlier entry fits: still nothing changes
+            },
+            "bias delta of shape",
+        ),
+        ({"diffusion_model.blocks.0.norm1.diff": (32,)}, "not in the Wan2.1-T2V transformer"),  # norm1: no weight
     ],
 )
 def test_files_that_cannot_apply_are_refused_by_name(tmp_path: Path, keys, message) -> None:

@@ -143,7 +143,7 @@ def _check_pair(lora: Lora, layer: LoraLayer) -> None:
 
 
 # ------------------------------------------------------------------ applying
-def _weight_of(transformer: torch.nn.Module, target: str) -> tuple[torch.nn.Module | None, torch.nn.Parameter]:
+def _weight_of(lora: Lora, transformer: torch.nn.Module, target: str):
     """(module, the parameter a LoRA changes): a layer's weight, or a parameter such as ``scale_shift_table``."""
     try:
         module = transformer.get_submodule(target)
@@ -151,10 +151,12 @@ def _weight_of(transformer: torch.nn.Module, target: str) -> tuple[torch.nn.Modu
         try:
             return None, transformer.get_parameter(target)
         except AttributeError:
-            raise LoraError(f"the transformer has no layer {target!r}") from None
+            raise LoraError(f"LoRA {lora.path!r}: the transformer has no layer {target!r}") from None
     weight = getattr(module, "weight", None)
     if not isinstance(weight, torch.nn.Parameter):
-        raise LoraError(f"layer {target!r} ({type(module).__name__}) has no weight a LoRA could change")
+        raise LoraError(
+            f"LoRA {lora.path!r}: layer {target!r} ({type(module).__name__}) has no weight a LoRA could change"
+        )
     return module, weight
 
 
@@ -211,19 +213,32 @@ def _attach_side(module: torch.nn.Linear, side: LowRankSide) -> None:
 
 
 def apply_lora(transformer: torch.nn.Module, lora: Lora, scale: float = 1.0, fuse: bool = True) -> int:
-    """Change ``transformer`` by ``lora`` times ``scale``; returns the number of layers changed."""
-    checked = [(layer, *_weight_of(transformer, layer.target)) for layer in lora.layers.values()]
-    for layer, _, weight in checked:  # every shape first: a wrong file changes nothing
-        if layer.down is not None:
-            _check_pair_fits(lora, layer, weight)
-        if layer.diff is not None and tuple(layer.diff.shape) != tuple(weight.shape):
-            raise LoraError(
-                f"LoRA {lora.path!r}: the weight delta of {layer.target} has shape {tuple(layer.diff.shape)}, the "
-                f"transformer's {tuple(weight.shape)}"
-            )
+    """Change ``transformer`` by ``lora`` times ``scale``; returns the number of layers changed. Every entry is
+    checked against the transformer first: a file that cannot apply changes nothing."""
+    checked = []
+    for layer in lora.layers.values():
+        module, weight = _weight_of(lora, transformer, layer.target)
+        _check_layer(lora, layer, module, weight)
+        checked.append((layer, module, weight))
     for layer, module, weight in checked:
         _apply_layer(lora, layer, module, weight, float(scale), fuse)
     return len(checked)
+
+
+def _check_layer(lora: Lora, layer: LoraLayer, module, weight: torch.Tensor) -> None:
+    where = f"LoRA {lora.path!r}: {layer.target}"
+    if layer.down is not None:
+        _check_pair_fits(lora, layer, weight)
+    if layer.diff is not None and tuple(layer.diff.shape) != tuple(weight.shape):
+        shapes = f"{tuple(layer.diff.shape)}, the weight is {tuple(weight.shape)}"
+        raise LoraError(f"{where}: a weight delta of shape {shapes}")
+    if layer.bias is not None:
+        bias = getattr(module, "bias", None)
+        if not isinstance(bias, torch.nn.Parameter):
+            raise LoraError(f"{where} carries a bias delta but the layer has no bias")
+        if tuple(layer.bias.shape) != tuple(bias.shape):
+            shapes = f"{tuple(layer.bias.shape)}, the bias is {tuple(bias.shape)}"
+            raise LoraError(f"{where}: a bias delta of shape {shapes}")
 
 
 def _apply_layer(lora, layer: LoraLayer, module, weight, scale: float, fuse: bool) -> None:
@@ -236,10 +251,7 @@ def _apply_layer(lora, layer: LoraLayer, module, weight, scale: float, fuse: boo
     if layer.diff is not None:
         _add(weight, layer.diff.float() * scale, f"{where} weight delta")
     if layer.bias is not None:
-        bias = getattr(module, "bias", None)
-        if not isinstance(bias, torch.nn.Parameter):
-            raise LoraError(f"{where} carries a bias delta but the layer has no bias")
-        _add(bias, layer.bias.float() * scale, f"{where} bias delta")
+        _add(module.bias, layer.bias.float() * scale, f"{where} bias delta")
 
 
 def file_fingerprint(path: str | Path) -> str:
