@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -303,21 +304,33 @@ class JobSpec(_Strict):
     runtime: Runtime = Field(default_factory=Runtime)
     sweep: dict[str, list[Any]] = Field(
         default_factory=dict,
-        description="A parameter grid run with every row: sampling parameters, seed, variant or options.<backend "
-        "option> -> list of values, e.g. {guidance_scale: [3.0, 5.0], seed: [42, 43]} (README 'Sweeps')",
+        description="A parameter grid run with every row: sampling parameters, seed, variant, options.<backend "
+        "option> or lora.<i>.scale -> list of values, e.g. {guidance_scale: [3.0, 5.0], seed: [42, 43]} "
+        "(README 'Sweeps')",
     )
 
     @model_validator(mode="after")
     def _check_sweep(self) -> JobSpec:
         """Every swept name can be swept and every value is in range (a bad grid is a spec error, not bad rows)."""
-        from farm.sweep import ROW_PARAMS, check_sweep
+        from farm.sweep import LORA_SCALE, ROW_PARAMS, check_sweep
 
         check_sweep(self.sweep)
         for name, values in self.sweep.items():
             if name in ROW_PARAMS:
                 for value in values:
                     _checked_param(f"sweep.{name}", name, value)
+            elif lora := LORA_SCALE.match(name):
+                self._check_lora_scales(name, int(lora.group(1)), values)
         return self
+
+    def _check_lora_scales(self, name: str, index: int, values: list[Any]) -> None:
+        count = len(self.model.loras())
+        if index >= count:
+            have = f"only {count} (model.weights.lora)" if count else "none: add model.weights.lora"
+            raise ValueError(f"sweep.{name}: the job has no LoRA number {index} (counting from 0); it has {have}")
+        for value in values:
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                raise ValueError(f"sweep.{name}: {value!r} is not a LoRA scale (a finite number, e.g. 0.5)")
 
     def configs(self) -> list[Any]:
         """The sweep's configurations (``farm.sweep.Config``); [] when the job has no sweep."""
@@ -327,12 +340,21 @@ class JobSpec(_Strict):
 
     def with_model_values(self, values: dict[str, Any]) -> JobSpec:
         """This job with a config's model values applied (``variant``, backend options), for one model group."""
+        from farm.sweep import LORA_SCALE
+
         if not values:
             return self
         variant = values.get("variant", self.model.variant)
-        options = {**self.model.options, **{k: v for k, v in values.items() if k != "variant"}}
-        model = self.model.model_copy(update={"variant": variant, "options": options})
-        return self.model_copy(update={"model": model})
+        options = {k: v for k, v in values.items() if k != "variant" and not LORA_SCALE.match(k)}
+        weights = dict(self.model.weights)
+        if LORA_ROLE in weights:
+            scales = {int(m.group(1)): v for k, v in values.items() if (m := LORA_SCALE.match(k))}
+            weights[LORA_ROLE] = [
+                entry.model_copy(update={"scale": float(scales.get(i, entry.scale))})
+                for i, entry in enumerate(weights[LORA_ROLE])
+            ]
+        update = {"variant": variant, "options": {**self.model.options, **options}, "weights": weights}
+        return self.model_copy(update={"model": self.model.model_copy(update=update)})
 
     @model_validator(mode="after")
     def _check_metrics(self) -> JobSpec:

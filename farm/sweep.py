@@ -4,8 +4,9 @@ manifest row (README "Sweeps").
 Each combination is a ``Config`` with a stable ``config_id``: a readable label plus a short digest of its values
 (``g5.0-ip1.0-s42-3fa2c1``), the same in every run and on every machine. A row's record for a config is filed under
 ``<row id>__<config_id>`` and carries ``row_id`` and ``config_id``. Sampling parameters and ``seed`` vary per row;
-``variant`` and ``options.<name>`` (backend options such as ``options.step_cache``) change the model, so configs are
-grouped by model settings and each group runs with its own replicas in turn: no replica reloads weights per row.
+``variant``, ``options.<name>`` (backend options such as ``options.step_cache``) and ``lora.<i>.scale`` (the
+strength of the job's ``i``-th LoRA, ``model.weights.lora``) change the model, so configs are grouped by model
+settings and each group runs with its own replicas in turn: no replica reloads weights per row.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from farm.params import SAMPLING_FIELDS
 ROW_PARAMS = (*SAMPLING_FIELDS, "fps", "seed")
 MODEL_PARAMS = ("variant",)
 OPTION_PREFIX = "options."
+LORA_SCALE = re.compile(r"^lora\.(\d+)\.scale$")  # lora.<i>.scale: the i-th entry of model.weights.lora
 ABBREVIATIONS = {
     "guidance_scale": "g",
     "guidance_scale_i": "gi",
@@ -50,7 +52,7 @@ class Config:
 
     def model_values(self) -> dict[str, Any]:
         """What changes the model: ``variant`` and backend options (without their ``options.`` prefix)."""
-        out = {k: v for k, v in self.values.items() if k in MODEL_PARAMS}
+        out = {k: v for k, v in self.values.items() if k in MODEL_PARAMS or LORA_SCALE.match(k)}
         out.update({k[len(OPTION_PREFIX) :]: v for k, v in self.values.items() if k.startswith(OPTION_PREFIX)})
         return out
 
@@ -60,11 +62,13 @@ def check_sweep(sweep: dict[str, Any]) -> None:
     from farm.config import did_you_mean
 
     for name, values in sweep.items():
-        if name not in ROW_PARAMS and name not in MODEL_PARAMS and not name.startswith(OPTION_PREFIX):
-            known = [*ROW_PARAMS, *MODEL_PARAMS]
+        swept = name in ROW_PARAMS or name in MODEL_PARAMS or name.startswith(OPTION_PREFIX) or LORA_SCALE.match(name)
+        if not swept:
+            known = [*ROW_PARAMS, *MODEL_PARAMS, "lora.0.scale"]
             raise ValueError(
                 f"sweep.{name}: not a parameter that can be swept{did_you_mean(name, known)}; sweep a sampling "
-                f"parameter, seed, variant, or a backend option as options.<name> (e.g. options.step_cache)"
+                f"parameter, seed, variant, a backend option as options.<name> (e.g. options.step_cache) or a "
+                f"LoRA's strength as lora.<i>.scale"
             )
         if not isinstance(values, list) or not values:
             raise ValueError(f"sweep.{name}: give a non-empty list of values, e.g. {name}: [3.0, 5.0]")
@@ -87,7 +91,9 @@ def label(values: dict[str, Any]) -> str:
     step-cache mapping) get a 4-digit digest."""
     parts = []
     for name, value in values.items():
-        short = ABBREVIATIONS.get(name, name.removeprefix(OPTION_PREFIX).replace("_", ""))
+        lora = LORA_SCALE.match(name)
+        short = f"lora{lora.group(1)}x" if lora else None
+        short = short or ABBREVIATIONS.get(name, name.removeprefix(OPTION_PREFIX).replace("_", ""))
         parts.append(short + _shown(value))
     return LABEL_CHARS.sub("-", "-".join(parts)).strip("-")[:80] or "config"
 

@@ -64,3 +64,64 @@ def test_lynx_replicas_pinned_to_distinct_fake_gpus(tmp_path: Path) -> None:
     assert frames.shape == (5, 48, 80, 3) and fps == 16.0
     assert "Lynx" in read_metadata(recs["row-000"]["video"])["comment"]
     assert recs["row-000"]["guidance_scale_i"] == 2.0 and recs["row-000"]["num_inference_steps"] == 2
+
+
+def test_a_sweep_over_a_loras_strength(tmp_path: Path) -> None:
+    """``sweep: {lora.0.scale: [0.0, 1.0]}`` with a CFG-distilled setting (guidance 1.0, the distill sampler): each
+    strength is its own model group (the LoRA merged at that strength), records carry it, a rerun makes nothing."""
+    from farm.models.lynx.loader import load_lynx
+    from tests.models.lora_files import truth, write_wan
+
+    lora = write_wan(tmp_path / "lora.safetensors", truth(load_lynx(base_dir(), adapter_dir("full")).transformer))
+    manifest = write_manifest(tmp_path / "m.parquet", rows(1, portrait=ASTRONAUT))
+    out = str(tmp_path / "out")
+    spec = {
+        "manifest": manifest,
+        "output": out,
+        "model": {
+            "backend": "lynx",
+            "variant": "full",
+            "weights": {
+                "base": base_dir(),
+                "adapter": adapter_dir("full"),
+                "face_pack": str(tiny_checkpoint() / "insightface"),
+                "lora": [{"path": str(lora), "scale": 1.0}],
+            },
+            "options": {"face_detector": "dlib", "sampler": "distill", "flow_shift": 5.0},
+        },
+        "defaults": {"num_frames": 5, "height": 32, "width": 48, "num_inference_steps": 2, "guidance_scale": 1.0},
+        "resources": {"replicas": 1, "gpus_per_replica": 1, "cpus_per_replica": 0.25},
+        "identity": {"enabled": False},
+        "sweep": {"lora.0.scale": [0.0, 1.0]},
+    }
+    job = parse_job(spec)
+    assert [c.id.split("-")[0] for c in job.configs()] == ["lora0x0.0", "lora0x1.0"]
+    assert run_job(job, progress=False).counts["ok"] == 2
+    recs = sorted(read_results(OutputLayout(out)).to_pylist(), key=lambda r: r["config_id"])
+    scales = [json.loads(r["model_config"])["weights"]["lora"][0]["scale"] for r in recs]
+    assert scales == [0.0, 1.0]
+    videos = [decode_video(r["video"])[0].astype(float) for r in recs]
+    assert abs(videos[0] - videos[1]).mean() > 1.0  # 8-bit frames: the LoRA moved them
+    again = run_job(parse_job(spec), progress=False)
+    assert again.counts.get("ok", 0) == 0 and again.already_committed == 2
+
+
+@pytest.mark.parametrize(
+    ("sweep", "message"),
+    [
+        ({"lora.1.scale": [0.5]}, "no LoRA number 1"),
+        ({"lora.0.scale": ["x"]}, "not a LoRA scale"),
+        ({"lora.scale": [0.5]}, r"lora.<i>.scale"),
+    ],
+)
+def test_a_bad_lora_sweep_is_a_spec_error(tmp_path: Path, sweep: dict, message: str) -> None:
+    from farm.config import SpecError
+
+    spec = {
+        "manifest": str(tmp_path / "m.parquet"),
+        "output": str(tmp_path / "out"),
+        "model": {"backend": "lynx", "weights": {"base": "b", "adapter": "a", "lora": ["/l.safetensors"]}},
+        "sweep": sweep,
+    }
+    with pytest.raises(SpecError, match=message):
+        parse_job(spec)
