@@ -29,9 +29,10 @@ def report_module():
 
 @pytest.fixture(scope="module")
 def new_options_run(tmp_path_factory) -> tuple[dict, Path]:
-    """One tiny run of every new option on the CPU: what runs here runs, the rest says why not."""
+    """One tiny run of every new option on the CPU: what runs here runs, the rest says why not. Lite: no reference
+    passes over the face, the slowest part on a CPU (the slow test runs the 4-step path on full too)."""
     out = tmp_path_factory.mktemp("bench")
-    args = ["--tiny", "--variants", "full", "--options", NEW_OPTIONS, "--no-fidelity", "--out", str(out)]
+    args = ["--tiny", "--variants", "lite", "--options", NEW_OPTIONS, "--no-fidelity", "--out", str(out)]
     return bench().main(args), out
 
 
@@ -73,10 +74,10 @@ def test_new_options_run_or_say_why_not(new_options_run) -> None:
     assert "sage" in rows["best"]["reason"]
     assert rows["guidance-gpus"]["status"] == "not run" and "needs 2+ GPUs" in rows["guidance-gpus"]["reason"]
     unfused = rows["lora-unfused"]
-    assert unfused["passes_per_step"] == 3 and unfused["finite"] and unfused["s_per_step"] > 0
+    assert unfused["passes_per_step"] == 2 and unfused["finite"] and unfused["s_per_step"] > 0  # lite: 2 passes
     setups = {s["setup"]: s for s in results["variants"][0]["setups"]}
     assert list(setups) == ["plain", "lora unfused", "lora fused"]  # no fp8 model is built where fp8 cannot run
-    assert setups["lora unfused"]["lora_layers"] == setups["lora fused"]["lora_layers"] == 3 * 10
+    assert setups["lora unfused"]["lora_layers"] == setups["lora fused"]["lora_layers"] == 3 * 10  # blocks x layers
 
 
 def test_the_4_step_lora_path_times_one_whole_video(new_options_run) -> None:
@@ -115,8 +116,8 @@ def test_fp8_runs_through_its_own_build_where_torchao_can(monkeypatch, tmp_path:
     monkeypatch.setattr(quant_api, "_check_hardware_support", lambda granularity: None)
     monkeypatch.setattr(quantize, "fp8_support", lambda device: None)
     monkeypatch.setattr(module, "fp8_support", lambda device: None)
-    args = ["--tiny", "--variants", "full", "--dtype", "bf16", "--options", "default,fp8", "--no-fidelity"]
-    results = module.main([*args, "--out", str(tmp_path)])
+    args = ["--tiny", "--variants", "lite", "--dtype", "bf16", "--options", "default,fp8", "--steps", "1"]
+    results = module.main([*args, "--no-fidelity", "--out", str(tmp_path)])
     rows = rows_of(results)
     assert rows["fp8"]["status"] == "ok" and rows["fp8"]["finite"]
     assert 0 < rows["fp8"]["latents_delta"]["mean"] < 0.1  # fp8 changes the numbers, a little
