@@ -27,8 +27,9 @@ Options (``OPTIONS``): the default (bf16, batched guidance, SDPA), forced attent
     (self/cross-attention q, k, v, o, ffn.0, ffn.2 of every block) is written to a temporary .safetensors at the
     model's sizes, read with ``read_lora`` like a user's file and FUSED; then one warm-up step (first calls,
     compilation), the caches are cleared, and ONE WHOLE VIDEO at ``num_inference_steps=4, guidance_scale=1.0``
-    (one transformer pass per step, as CFG-distilled LoRAs run) is timed end to end: conditioning, 4 steps, VAE
-    decode: seconds per video. Random LoRA weights change no shape or kernel, so the times are a real LoRA's.
+    (one transformer pass per step, as CFG-distilled LoRAs run; the ``distill`` sampler with flow_shift 5.0, as in
+    jobs/lynx-full-4step-lora.yaml) is timed end to end: conditioning, 4 steps, VAE decode: seconds per video.
+    Random LoRA weights change no shape or kernel, so the times are a real LoRA's.
 
 Options that change the model run on a model built for them (``sessions``): options sharing a setup (LoRA fused or
 unfused, fp8) share one fresh build from the same seed (the default's weights), in plan order, with at most one
@@ -104,6 +105,8 @@ class BenchOption:
     lora: str | None = None  # "fused" / "unfused": the benchmark's random rank-64 LoRA applied after the build
     guidance_gpus: bool = False  # guidance passes on the device's other GPUs too
     video_steps: int | None = None  # a whole video of this many steps at guidance_scale 1.0 (the 4-step LoRA path)
+    sampler: str = "unipc"  # Options.sampler: distill for the step-distilled LoRAs (farm.models.lynx.samplers)
+    flow_shift: float | None = None  # Options.flow_shift: None = the base's (3.0); the distilled LoRAs use 5.0
     reference: str | None = "default"  # the option whose latents and frames it is compared with
     note: str = ""
 
@@ -142,12 +145,12 @@ OPTIONS = {
             note="guidance passes on up to 3 GPUs at once, a transformer copy each (MFU over the GPUs used)",
         ),
         BenchOption(
-            "4-step lora", lora="fused", video_steps=4, reference=None,
-            note=f"random rank-{LORA_RANK} LoRA fused; 4 steps, guidance 1.0; one whole video",
+            "4-step lora", lora="fused", video_steps=4, sampler="distill", flow_shift=5.0, reference=None,
+            note=f"random rank-{LORA_RANK} LoRA fused; 4 steps, guidance 1.0, distill sampler, shift 5; one video",
         ),
         BenchOption(
-            "4-step lora+compile", lora="fused", video_steps=4, compile=True, reference="4-step lora",
-            note="the same, compiled (Δ vs 4-step lora)",
+            "4-step lora+compile", lora="fused", video_steps=4, sampler="distill", flow_shift=5.0, compile=True,
+            reference="4-step lora", note="the same, compiled (Δ vs 4-step lora)",
         ),
     )
 }  # fmt: skip
@@ -406,6 +409,8 @@ def pipeline_for(model, option: BenchOption, args: argparse.Namespace) -> LynxPi
             compile=option.compile,
             compile_backend=args.compile_backend,
             guidance_devices=others,
+            sampler=option.sampler,
+            flow_shift=option.flow_shift,
         ),
     )
 
@@ -546,6 +551,7 @@ def run_video(
     row["s_per_step"] = statistics.median(row["step_s"])
     row["steps"] = len(row["step_s"])
     row["guidance_scale"] = params.guidance_scale
+    row["sampler"], row["flow_shift"] = option.sampler, option.flow_shift
     row["passes_per_step"] = pipe.dit_samples / row["steps"]
     row["tflop_per_step"] = flops["total"] / 1e12
     latents = latents.float()

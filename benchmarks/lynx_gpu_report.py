@@ -217,7 +217,8 @@ VIDEO_COLUMNS = (
 
 def video_table(rows: list[dict], lora: dict | None) -> list[str]:
     lines = [
-        "### 4-step LoRA path: one whole video, fused LoRA, guidance_scale 1.0 (one pass per step), decode included",
+        "### 4-step LoRA path: one whole video, fused LoRA, guidance_scale 1.0 (one pass per step), distill sampler "
+        "(flow_shift 5.0), decode included",
         "",
     ]
     if lora:

@@ -84,6 +84,7 @@ def test_the_4_step_lora_path_times_one_whole_video(new_options_run) -> None:
     results, _ = new_options_run
     video = rows_of(results)["4-step lora"]
     assert video["kind"] == "video" and video["steps"] == 4 and video["guidance_scale"] == 1.0
+    assert (video["sampler"], video["flow_shift"]) == ("distill", 5.0)  # what the step-distilled LoRAs run
     assert video["passes_per_step"] == 1  # guidance_scale 1.0: one transformer pass per step
     assert video["s_per_video"] > 0 and video["s_per_video"] >= sum(video["step_s"]) + video["decode_s"]
     assert video["finite"] and video["is_reference"]
