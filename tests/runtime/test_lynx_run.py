@@ -19,6 +19,21 @@ from tests.models.lynx_helpers import adapter_dir, base_dir, tiny_checkpoint
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
 
+def tiny_lynx_model(**weights) -> dict:
+    """The model section of a job on the tiny checkpoint (dlib finds the faces), with more ``weights``."""
+    return {
+        "backend": "lynx",
+        "variant": "full",
+        "weights": {
+            "base": base_dir(),
+            "adapter": adapter_dir("full"),
+            "face_pack": str(tiny_checkpoint() / "insightface"),
+            **weights,
+        },
+        "options": {"face_detector": "dlib"},
+    }
+
+
 def test_lynx_replicas_pinned_to_distinct_fake_gpus(tmp_path: Path) -> None:
     data = rows(6, portrait=ASTRONAUT)
     data[1].update(height=32, width=64, seed=3)
@@ -28,16 +43,7 @@ def test_lynx_replicas_pinned_to_distinct_fake_gpus(tmp_path: Path) -> None:
         {
             "manifest": manifest,
             "output": out,
-            "model": {
-                "backend": "lynx",
-                "variant": "full",
-                "weights": {
-                    "base": base_dir(),
-                    "adapter": adapter_dir("full"),
-                    "face_pack": str(tiny_checkpoint() / "insightface"),
-                },
-                "options": {"face_detector": "dlib"},
-            },
+            "model": tiny_lynx_model(),
             "defaults": {"num_frames": 5, "height": 48, "width": 80, "num_inference_steps": 2},
             "resources": {
                 "replicas": "all",
@@ -75,20 +81,12 @@ def test_a_sweep_over_a_loras_strength(tmp_path: Path) -> None:
     lora = write_wan(tmp_path / "lora.safetensors", truth(load_lynx(base_dir(), adapter_dir("full")).transformer))
     manifest = write_manifest(tmp_path / "m.parquet", rows(1, portrait=ASTRONAUT))
     out = str(tmp_path / "out")
+    model = tiny_lynx_model(lora=[{"path": str(lora), "scale": 1.0}])
+    model["options"].update(sampler="distill", flow_shift=5.0)
     spec = {
         "manifest": manifest,
         "output": out,
-        "model": {
-            "backend": "lynx",
-            "variant": "full",
-            "weights": {
-                "base": base_dir(),
-                "adapter": adapter_dir("full"),
-                "face_pack": str(tiny_checkpoint() / "insightface"),
-                "lora": [{"path": str(lora), "scale": 1.0}],
-            },
-            "options": {"face_detector": "dlib", "sampler": "distill", "flow_shift": 5.0},
-        },
+        "model": model,
         "defaults": {"num_frames": 5, "height": 32, "width": 48, "num_inference_steps": 2, "guidance_scale": 1.0},
         "resources": {"replicas": 1, "gpus_per_replica": 1, "cpus_per_replica": 0.25},
         "identity": {"enabled": False},
