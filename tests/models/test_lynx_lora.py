@@ -326,3 +326,35 @@ def test_a_lightx2v_shaped_file_applies_every_kind_of_entry(tmp_path: Path) -> N
     pairs = {f"{name}.weight" for name in lora.layers if lora.layers[name].down is not None}
     changed = {n for n in before if not torch.equal(after[n], before[n])}
     assert changed == set(expect.values()) | pairs  # and nothing else
+
+
+def test_a_lora_on_object_storage_loads_through_the_node_cache(
+    s3_endpoint: dict, s3_bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, updates
+) -> None:
+    import s3fs
+
+    from farm.models.lynx.lora import load_loras
+    from farm.models.lynx.precheck import check_loras
+    from farm.types import LoraSpec
+
+    options = s3_endpoint["storage_options"]
+    local = write_wan(tmp_path / "w.safetensors", updates)
+    s3fs.S3FileSystem(**options).put(str(local), f"{s3_bucket}/loras/w.safetensors")
+    monkeypatch.setenv("FARM_CACHE", str(tmp_path / "cache"))
+    remote = LoraSpec(f"{s3_bucket}/loras/w.safetensors", 0.5)
+    weights = {"base": base_dir()}
+    assert check_loras([remote], weights, options, deep=True) == []
+    gone = LoraSpec(f"{s3_bucket}/loras/gone.safetensors")
+    assert "does not exist" in check_loras([gone], weights, options)[0]
+    from_s3, from_disk = load(), load()
+    assert load_loras(from_s3.transformer, [remote], options)[0].endswith("scale 0.5, fused")
+    apply_lora(from_disk.transformer, read_lora(local, len(from_disk.transformer.blocks)), scale=0.5)
+    assert max_diff(from_s3.transformer.state_dict(), from_disk.transformer.state_dict()) == 0.0
+    assert list((tmp_path / "cache").rglob("w.safetensors"))  # fetched once into the node's cache
+
+
+def test_a_truncated_lora_file_is_named(tmp_path: Path, updates) -> None:
+    path = write_wan(tmp_path / "w.safetensors", updates)
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(LoraError, match="not a readable safetensors file"):
+        read_lora(path, 3)

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from farm.models.lynx.lora_keys import LoraKeyError, map_keys
 from farm.models.lynx.weights import LynxWeightsError, local_file
@@ -109,7 +109,7 @@ def read_lora(path: str | Path, num_blocks: int) -> Lora:
         with safe_open(where, framework="pt") as fh:
             keys, metadata = list(fh.keys()), fh.metadata()
             tensors = {key: fh.get_tensor(key) for key in keys}
-    except (OSError, ValueError, RuntimeError) as exc:
+    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
         if isinstance(exc, FileNotFoundError):
             raise LoraError(f"LoRA {where!r} does not exist; check model.weights.lora") from None
         raise LoraError(f"LoRA {where!r} is not a readable safetensors file ({exc}); download it again") from None
