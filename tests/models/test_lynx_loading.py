@@ -222,3 +222,12 @@ def test_full_size_keys_and_shapes_on_meta_device() -> None:
     assert lite["resampler.safetensors"]["proj_out.weight"] == (2048, 1280)
     assert set(lite["ip_layers.safetensors"]) == {f"{i}.to_{kv}_ip.weight" for i in range(20) for kv in "kv"}
     assert lite["ip_layers.safetensors"]["19.to_k_ip.weight"] == (5120, 2048)
+
+
+@pytest.mark.parametrize("name", ["resampler.safetensors", "ref_layers.safetensors"])
+def test_a_truncated_adapter_file_is_named(tmp_path: Path, name: str) -> None:
+    adapter = tmp_path / "lynx_full"
+    shutil.copytree(adapter_dir("full"), adapter)
+    (adapter / name).write_bytes((adapter / name).read_bytes()[:-64])
+    with pytest.raises(LynxWeightsError, match=f"{name}: not a readable safetensors file"):
+        load_lynx(base_dir(), str(adapter), "full")

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from farm.models.lynx.adapters import AdapterState, install_ip_adapter, install_ref_adapter
@@ -76,8 +76,15 @@ def check_variant(variant: str) -> str:
 
 
 def _shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    with safe_open(str(path), framework="pt") as fh:
-        return {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
+    except (SafetensorError, OSError) as exc:
+        raise _unreadable(path, exc) from None
+
+
+def _unreadable(path: Path, exc: Exception) -> LynxWeightsError:
+    return LynxWeightsError(f"{path}: not a readable safetensors file ({exc}); download it again")
 
 
 def read_adapter_config(adapter_dir: Path, variant: str) -> AdapterConfig:
@@ -192,7 +199,10 @@ def expected_adapter_shapes(transformer, config: AdapterConfig) -> dict[str, dic
 
 
 def _load_into(module: torch.nn.Module, path: Path) -> None:
-    tensors = load_file(str(path), device="cpu")
+    try:
+        tensors = load_file(str(path), device="cpu")
+    except (SafetensorError, OSError) as exc:
+        raise _unreadable(path, exc) from None
     check_state_dict(str(path), tensors, {k: tuple(v.shape) for k, v in module.state_dict().items()})
     module.load_state_dict(tensors, strict=True)
 
