@@ -300,7 +300,8 @@ class LynxPipeline:
                 self._pool = ThreadPoolExecutor(len(self.pass_models), thread_name_prefix="lynx-guidance")
             futures = [self._pool.submit(run, self.pass_models[k], share) for k, share in enumerate(shares)]
             results = [future.result() for future in futures]
-        else:  # compilation (dynamo) is not thread-safe: the first step compiles each copy in turn
+        else:  # the first compiled step compiles each copy in turn (a later recompile, e.g. for a new video size,
+            # is serialised by dynamo's own compile lock)
             results = [run(self.pass_models[k], share) for k, share in enumerate(shares)]
             self._split_warm = True
         outs: list[torch.Tensor | None] = [None] * len(passes)
