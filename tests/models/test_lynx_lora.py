@@ -160,6 +160,21 @@ def test_files_that_cannot_apply_are_refused_by_name(tmp_path: Path, keys, messa
     assert max_diff(before, model.transformer.state_dict()) == 0.0  # nothing half-applied
 
 
+def test_key_spellings_of_other_tools_map_to_the_same_layer() -> None:
+    from farm.models.lynx.lora_keys import map_keys
+
+    keys = [
+        "base_model.model.blocks.1.attn2.to_k.lora_A.weight",  # PEFT's own save
+        "lora_transformer_blocks_1_attn2_to_k.lora_B.weight",  # kohya-style, diffusers names
+        "model.diffusion_model.blocks.1.cross_attn.k.lora_A.default.weight",  # Wan names, a named adapter
+    ]
+    targets = set()
+    for key in keys:
+        _, mapped = map_keys([key], 3)
+        targets |= {m.target for m in mapped}
+    assert targets == {"blocks.1.attn2.to_k"}
+
+
 def test_only_safetensors_files_are_read(tmp_path: Path) -> None:
     path = tmp_path / "lora.pt"
     torch.save({"x": torch.zeros(1)}, path)

@@ -24,7 +24,15 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 # Prefixes tools put before the module path (tried in this order, repeatedly).
-PREFIXES = ("model.diffusion_model.", "diffusion_model.", "base_model.model.", "transformer.", "lora_unet_", "unet.")
+PREFIXES = (
+    "model.diffusion_model.",
+    "diffusion_model.",
+    "base_model.model.",
+    "transformer.",
+    "lora_unet_",
+    "lora_transformer_",
+    "unet.",
+)
 
 # Wan's module names -> diffusers' ``WanTransformer3DModel`` names, inside every block and at the top level.
 BLOCK_NAMES = {
