@@ -56,10 +56,29 @@ class LoraEntry(_Strict):
     fuse: bool = Field(default=True, description="Merge into the weights once (no cost per step) or run beside them")
 
 
+def _lora_entries(item: Any) -> list[Any]:
+    """``weights.lora`` as a list of ``{path, ...}`` mappings, or a ValueError naming the entry and the fix."""
+    items = [item] if isinstance(item, str) else item
+    if not isinstance(items, list):
+        raise ValueError(f"weights.{LORA_ROLE} must be a list of {{path, scale, fuse}} (or one path), not {item!r}")
+    known = list(LoraEntry.model_fields)
+    entries = []
+    for index, entry in enumerate(items):
+        entry = {"path": entry} if isinstance(entry, str) else entry
+        where = f"weights.{LORA_ROLE}[{index}]"
+        if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
+            raise ValueError(f"{where} needs a path: {{path: <a .safetensors file>, scale: 1.0}} (got {entry!r})")
+        for key in entry:
+            if key not in known:
+                raise ValueError(f"{where}: unknown key {key!r}{did_you_mean(key, known)}; known: {', '.join(known)}")
+        entries.append(entry)
+    return entries
+
+
 class ModelSection(_Strict):
     backend: str = Field(description="Backend name: lynx | still | simulated")
     variant: str | None = Field(default=None, description="Backend variant, e.g. lynx: full | lite")
-    weights: dict[str, str | list[LoraEntry | str]] = Field(
+    weights: dict[str, str | list[LoraEntry]] = Field(
         default_factory=dict,
         description="Role -> local path or fsspec URI (lynx: base, adapter, arcface, face_pack); "
         "lora: a list of {path, scale, fuse} applied in order",
@@ -69,16 +88,19 @@ class ModelSection(_Strict):
     )
     options: dict[str, Any] = Field(default_factory=dict, description="Backend-specific options")
 
-    @field_validator("weights")
+    @field_validator("weights", mode="before")
     @classmethod
-    def _only_lora_is_a_list(cls, value: dict[str, Any]) -> dict[str, Any]:
+    def _only_lora_is_a_list(cls, value: Any) -> Any:
+        """One message per mistake (pydantic's union errors would list every branch)."""
+        if not isinstance(value, dict):
+            return value
+        out = dict(value)
         for role, item in value.items():
             if role == LORA_ROLE:
-                items = [item] if isinstance(item, str) else item
-                value[role] = [LoraEntry(path=e) if isinstance(e, str) else e for e in items]
+                out[role] = _lora_entries(item)
             elif not isinstance(item, str):
                 raise ValueError(f"weights.{role} must be one path or URI; only weights.{LORA_ROLE} is a list")
-        return value
+        return out
 
     def weight_uris(self) -> dict[str, str]:
         """Role -> URI of the weights files and folders (LoRAs are ``loras()``)."""
@@ -488,10 +510,9 @@ def ray_job_working_dir() -> str | None:
 def _absolute_weights(value: Any) -> Any:
     """A weights path made absolute; in a LoRA list each entry's path (a string or ``{path: ...}``)."""
     if isinstance(value, list):
-        return [
-            {**e, "path": _absolute_weights(e.get("path"))} if isinstance(e, dict) else _absolute_weights(e)
-            for e in value
-        ]
+        return [_absolute_weights(e) for e in value]
+    if isinstance(value, dict) and "path" in value:
+        return {**value, "path": _absolute_weights(value["path"])}
     return os.path.abspath(value) if _is_relative_local(value) else value
 
 

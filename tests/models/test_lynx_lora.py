@@ -206,7 +206,9 @@ def test_the_job_spec_reads_lora_entries(tmp_path: Path) -> None:
     assert "lora" not in spec.weights
     assert parse_job(lynx_job(tmp_path, "/l/a.safetensors")).model_spec().loras == (LoraSpec("/l/a.safetensors"),)
     for bad, fragment in [
-        ([{"path": "/a.safetensors", "scael": 1}], "scael"),
+        ([{"path": "/a.safetensors", "scael": 1}], r"lora\[0\]: unknown key 'scael' \(did you mean 'scale'\?\)"),
+        ([{"scale": 0.5}], r"weights.lora\[0\] needs a path"),
+        (7, "must be a list of"),
         ([{"path": "/a.safetensors", "scale": float("nan")}], "scale"),
     ]:
         with pytest.raises(SpecError, match=fragment):
