@@ -123,3 +123,23 @@ def test_a_bad_lora_sweep_is_a_spec_error(tmp_path: Path, sweep: dict, message: 
     }
     with pytest.raises(SpecError, match=message):
         parse_job(spec)
+
+
+def test_fp8_on_workers_that_cannot_run_it_ends_the_job_with_the_reason(tmp_path: Path) -> None:
+    """Every replica refuses at start, before loading weights: the run ends with the replica's one line, not a loop of
+    restarts."""
+    from farm.runtime.driver import JobAborted
+
+    model = tiny_lynx_model()
+    model["options"]["quantize"] = "fp8"
+    job = parse_job(
+        {
+            "manifest": write_manifest(tmp_path / "m.parquet", rows(2, portrait=ASTRONAUT)),
+            "output": str(tmp_path / "out"),
+            "model": model,
+            "resources": {"replicas": 1, "gpus_per_replica": 1, "cpus_per_replica": 0.25},
+            "identity": {"enabled": False},
+        }
+    )
+    with pytest.raises(JobAborted, match=r"cannot load the model .*quantize: fp8 needs .*runs on cpu"):
+        run_job(job, progress=False)
