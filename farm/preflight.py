@@ -156,6 +156,7 @@ def preflight(
     reachable portrait locations, and the GPU-time ``estimate`` (default: ``estimate_for(job)``)."""
     report = PreflightReport()
     report.add("weights", check_weights(job, deep))
+    report.add("model", approximations(job), blocking=False)
     report.add("output", [p] if (p := check_output(job.output, job.storage_options)) else [])
     if check_portrait_roots:
         report.add("portraits", check_portraits(job), blocking=False)
@@ -170,6 +171,19 @@ def check_weights(job: JobSpec, deep: bool = False) -> list[str]:
         return build_backend(job.model_spec()).check_weights(deep=deep)
     except Exception as exc:  # noqa: BLE001 - a bad model section or a storage fault is a finding, not a traceback
         return [f"model: {type(exc).__name__}: {exc}"]
+
+
+def approximations(job: JobSpec) -> list[str]:
+    """One line naming the opt-in settings that make the videos differ from the model's reference inference."""
+    from farm.models import build_backend
+
+    try:
+        found = build_backend(job.model_spec()).approximations()
+    except Exception:  # noqa: BLE001 - check_weights already names a bad model section
+        return []
+    if not found:
+        return []
+    return [f"videos will differ from the reference inference, by choice: {'; '.join(found)}"]
 
 
 def check_output(output: str, storage_options: dict[str, Any] | None = None) -> str | None:

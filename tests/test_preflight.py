@@ -214,3 +214,15 @@ def test_estimate_counts_guidance_passes() -> None:
     assert row_seconds(lite, two_pass) == pytest.approx(50 * 12.00 + 2.73)
     three_pass = SamplingParams(num_frames=121, height=480, width=832, num_inference_steps=50, guidance_scale_i=2.0)
     assert row_seconds(lite, three_pass) == pytest.approx(50 * 12.00 * 3 / 2 + 2.73)
+
+
+def test_validate_names_the_opt_in_approximations(tmp_path: Path, ckpt: Path) -> None:
+    spec = yaml.safe_load(_lynx_spec(tmp_path, ckpt, "lynx_full").read_text())
+    assert not [f for f in preflight(parse_job(spec)).findings if f.check == "model"]  # the official path
+    spec["model"]["options"].update(sampler="distill", flow_shift=5.0, quantize="fp8")
+    spec["model"]["weights"]["lora"] = [{"path": str(tmp_path / "x.safetensors"), "scale": 0.8}]
+    report = preflight(parse_job(spec))
+    model = [f for f in report.findings if f.check == "model"]
+    assert len(model) == 1 and not model[0].blocking
+    assert "x.safetensors at scale 0.8; sampler distill; flow_shift 5.0; quantize fp8" in model[0].message
+    assert "warning [model] videos will differ from the reference inference" in report.render()

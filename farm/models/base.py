@@ -55,6 +55,11 @@ class Backend(ABC):
         so a typo costs no GPU time. Default: nothing to check."""
         return []
 
+    def approximations(self) -> list[str]:
+        """The opt-in settings that make this backend's videos differ from its reference inference (a LoRA, another
+        sampler, quantization ...), one short phrase each; the pre-flight shows them. Default: none."""
+        return []
+
     def output_config(self) -> str:
         """The settings that shape this backend's videos, as canonical JSON (``farm.fingerprints.model_config``)."""
         options = {k: v for k, v in self.spec.options.items() if k not in self.SPEED_OPTIONS | {"storage_options"}}

@@ -164,6 +164,24 @@ class LynxBackend(Backend):
         problems = check_lynx_weights(dict(self.spec.weights), self.variant, detector, options, deep)
         return problems + check_loras(self.spec.loras, dict(self.spec.weights), options, deep)
 
+    def approximations(self) -> list[str]:
+        """What makes these videos differ from the official Lynx inference (each opt-in)."""
+        options = self.spec.options
+        found = [f"LoRA {lora.path} at scale {lora.scale:g}" for lora in self.spec.loras if lora.scale != 0]
+        if options.get("sampler", "unipc") != "unipc":
+            found.append(f"sampler {options['sampler']}")
+        if options.get("schedule", "official") != "official":
+            found.append(f"schedule {options['schedule']}")
+        if options.get("flow_shift") is not None:
+            found.append(f"flow_shift {options['flow_shift']}")
+        if self.quantize:
+            found.append(f"quantize {self.quantize}")
+        if options.get("step_cache") is not None:
+            found.append(f"step_cache {options['step_cache']}")
+        if str(options.get("attention_backend") or "").lower().startswith("sage"):
+            found.append(f"attention_backend {options['attention_backend']} (8-bit attention)")
+        return found
+
     def _option(self, name: str, default: Any) -> Any:
         return self.spec.options.get(name, default)
 
