@@ -60,14 +60,15 @@ def _lora_entries(item: Any) -> list[Any]:
     """``weights.lora`` as a list of ``{path, ...}`` mappings, or a ValueError naming the entry and the fix."""
     items = [item] if isinstance(item, str) else item
     if not isinstance(items, list):
-        raise ValueError(f"weights.{LORA_ROLE} must be a list of {{path, scale, fuse}} (or one path), not {item!r}")
+        kind = type(item).__name__
+        raise ValueError(f"model.weights.{LORA_ROLE} must be a list of {{path, scale, fuse}} or one path, not a {kind}")
     known = list(LoraEntry.model_fields)
     entries = []
     for index, entry in enumerate(items):
         entry = {"path": entry} if isinstance(entry, str) else entry
-        where = f"weights.{LORA_ROLE}[{index}]"
+        where = f"model.weights.{LORA_ROLE}[{index}]"
         if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
-            raise ValueError(f"{where} needs a path: {{path: <a .safetensors file>, scale: 1.0}} (got {entry!r})")
+            raise ValueError(f"{where} needs a path: {{path: <a .safetensors file>, scale: 1.0}}")
         for key in entry:
             if key not in known:
                 raise ValueError(f"{where}: unknown key {key!r}{did_you_mean(key, known)}; known: {', '.join(known)}")
@@ -99,7 +100,9 @@ class ModelSection(_Strict):
             if role == LORA_ROLE:
                 out[role] = _lora_entries(item)
             elif not isinstance(item, str):
-                raise ValueError(f"weights.{role} must be one path or URI; only weights.{LORA_ROLE} is a list")
+                raise ValueError(
+                    f"model.weights.{role} must be one path or URI; only model.weights.{LORA_ROLE} is a list"
+                )
         return out
 
     def weight_uris(self) -> dict[str, str]:
