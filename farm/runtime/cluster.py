@@ -30,20 +30,27 @@ log = logging.getLogger("farm")
 BOOTSTRAP_CONFIG = "~/ray_bootstrap_config.yaml"
 
 
+_embedded_gcs: str | None = None  # the GCS address of the local Ray this process started, while it runs
+
+
 def connect(address: str | None = None) -> bool:
     """Join ``address`` / ``RAY_ADDRESS`` if given, else start an embedded local Ray. True = embedded.
 
-    Already connected (a notebook, a test) counts as joined: the caller chose that cluster.
+    Already connected counts as joined (a notebook, a test: the caller chose that cluster), unless it is the embedded
+    Ray this process started itself, for an earlier job of a sweep: that one stays embedded (CPU fallback included).
     """
+    global _embedded_gcs
     if ray.is_initialized():
-        return False
+        return _embedded_gcs is not None and ray.get_runtime_context().gcs_address == _embedded_gcs
     address = address or os.environ.get("RAY_ADDRESS") or None
-    ray.init(
+    context = ray.init(
         address=address or "local",
         include_dashboard=False,
         logging_level=logging.WARNING,
         log_to_driver=True,
     )
+    info = getattr(context, "address_info", None) or {}
+    _embedded_gcs = info.get("gcs_address") if address is None else None
     return address is None
 
 

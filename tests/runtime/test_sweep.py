@@ -90,3 +90,34 @@ def test_a_grid_runs_every_row_in_every_config_and_resumes(tmp_path: Path, capsy
     spec.write_text(json.dumps(job.model_dump(mode="json")))
     assert main(["validate", str(spec)]) == 0
     assert "sweep: 8 configs x 2 rows = 16 videos" in capsys.readouterr().out
+
+
+def test_every_model_group_of_a_sweep_runs_on_the_ray_the_farm_started(tmp_path: Path) -> None:
+    """`farm run` with no cluster starts its own Ray, where replicas asking for a GPU fall back to the CPU; the second
+    model group found that Ray already up, took it for a cluster someone chose, and waited for GPUs forever."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    spec = {
+        "manifest": write_manifest(tmp_path / "m.parquet", rows(2)),
+        "output": str(tmp_path / "out"),
+        "model": {"backend": "simulated"},
+        "resources": {"replicas": 1, "gpus_per_replica": 1, "cpus_per_replica": 0.25},
+        "identity": {"enabled": False},
+        "sweep": {"options.gpu_time_s": [0.0, 0.01]},  # two model groups
+    }
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run(
+        [sys.executable, "-m", "farm.cli", "run", str(path), "--no-progress"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert json.loads(done.stdout)["counts"]["ok"] == 4
