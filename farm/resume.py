@@ -272,10 +272,15 @@ def _json_differences(prefix: str, before: str | None, after: str) -> Iterator[t
 
 
 def _flat(value: Any, prefix: str) -> dict[str, Any]:
+    """Leaves by dotted name; list items by index (``model.weights.lora[0].scale``)."""
+    out: dict[str, Any] = {}
     if isinstance(value, dict) and value:
-        out: dict[str, Any] = {}
         for key, inner in value.items():
             out.update(_flat(inner, f"{prefix}.{key}"))
+        return out
+    if isinstance(value, list) and value:
+        for index, inner in enumerate(value):
+            out.update(_flat(inner, f"{prefix}[{index}]"))
         return out
     return {prefix: value}
 

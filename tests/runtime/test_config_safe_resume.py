@@ -175,3 +175,16 @@ def test_a_carried_column_whose_type_changed_is_refused_at_run_start(tmp_path: P
     wider = schema.set(4, pa.field("batch", pa.int64()))
     run_job(_job(write_manifest(tmp_path / "m3.parquet", [{**first[0], "id": "c"}], wider), out), progress=False)
     assert open_results(out).schema.field("batch").type == pa.int64()
+
+
+def test_a_changed_setting_inside_a_list_is_named_by_its_index() -> None:
+    """A LoRA's strength is one value in a list of mappings: the refusal names it, not the list cut at 60 chars."""
+    from farm.resume import _json_differences
+
+    lora = {"path": "s3://bucket/weights/loras/a-long-name-for-a-4-step-lora.safetensors", "scale": 0.8}
+    before = json.dumps({"weights": {"base": "b", "lora": [lora]}})
+    after = json.dumps({"weights": {"base": "b", "lora": [{**lora, "scale": 0.5}, {"path": "x.safetensors"}]}})
+    assert list(_json_differences("model", before, after)) == [
+        ("model.weights.lora[0].scale", "0.8", "0.5"),
+        ("model.weights.lora[1].path", "null", '"x.safetensors"'),
+    ]
