@@ -84,9 +84,8 @@ def bench_variant(ckpt: Path, variant: str, params: SamplingParams, repeats: int
             "dit_samples_per_video": samples,
         }
     out["batched_speedup"] = out["unbatched"]["s_per_video"] / out["batched"]["s_per_video"]
-    passes = 3 if params.guidance_scale_i is not None else 2
     out["official_forwards_per_video"] = (
-        2 + passes * params.num_inference_steps if variant == "full" else params.num_inference_steps
+        2 + params.guidance_passes() * params.num_inference_steps if variant == "full" else params.num_inference_steps
     )
 
     # One portrait, many prompts (same seed, as a sweep over prompts does): cold vs warm caches.

@@ -218,12 +218,6 @@ def params_for(variant: str, video: tuple[int, int, int], schedule: int) -> Samp
     return SamplingParams(frames, height, width, schedule)
 
 
-def guidance_passes(params: SamplingParams) -> int:
-    if params.guidance_scale <= 1.0:
-        return 1
-    return 3 if params.guidance_scale_i is not None else 2
-
-
 def few_step_params(params: SamplingParams, steps: int) -> SamplingParams:
     """A CFG-distilled LoRA's sampling: ``steps`` steps, ``guidance_scale`` 1.0 (one transformer pass per step)."""
     return replace(params, num_inference_steps=steps, guidance_scale=1.0)
@@ -712,7 +706,7 @@ def bench_variant(
     """Run one variant's planned options that fit before ``deadline`` at ``sizes`` on the device; its results go
     into ``sink`` at once (``report`` rewrites the files after every option, so a killed run keeps them)."""
     video = sizes.videos[variant]
-    passes = guidance_passes(params_for(variant, video, args.schedule))
+    passes = params_for(variant, video, args.schedule).guidance_passes()
     flops = step_flops(sizes.transformer, sizes.adapters[variant], *video, passes)
     out: dict[str, Any] = {
         "variant": variant, "video": list(video), "passes": passes, "flops": flops, "rows": [], "setups": [],

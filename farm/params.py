@@ -75,6 +75,13 @@ class SamplingParams:
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def guidance_passes(self) -> int:
+        """Transformer passes per denoising step: 1 without guidance (``guidance_scale <= 1``, e.g. a CFG-distilled
+        LoRA), 2 with it, 3 with the ID-only pass (``guidance_scale_i``)."""
+        if self.guidance_scale <= 1.0:
+            return 1
+        return 3 if self.guidance_scale_i is not None else 2
+
 
 def check_field(name: str, value: Any) -> None:
     """Range and structural rules of one (already coerced) field; ``ValueError`` names the field and value."""

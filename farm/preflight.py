@@ -89,19 +89,11 @@ def _duration(seconds: float) -> str:
     return f"{seconds:.1f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
 
-def guidance_passes(params: SamplingParams) -> int:
-    """Transformer passes per step: 1 without guidance (``guidance_scale <= 1``, e.g. a CFG-distilled LoRA), 2 with
-    it, 3 with the ID-only pass (``guidance_scale_i``)."""
-    if params.guidance_scale <= 1.0:
-        return 1
-    return 3 if params.guidance_scale_i is not None else 2
-
-
 def row_seconds(measured: Measured, params: SamplingParams) -> float:
     """Steps x s/step (per guidance pass) plus one decode, both scaled by frames x pixels relative to the measured
     setting."""
     scale = params.num_frames * params.height * params.width / measured.volume
-    step = measured.s_per_step * guidance_passes(params) / measured.passes
+    step = measured.s_per_step * params.guidance_passes() / measured.passes
     return (params.num_inference_steps * step + measured.decode_s) * scale
 
 
@@ -155,8 +147,9 @@ def preflight(
     """Everything worth knowing before GPU time: weights (``deep``: safetensors headers too), a writable output,
     reachable portrait locations, and the GPU-time ``estimate`` (default: ``estimate_for(job)``)."""
     report = PreflightReport()
-    report.add("weights", check_weights(job, deep))
-    report.add("model", approximations(job), blocking=False)
+    weights, approximations = check_model(job, deep)
+    report.add("weights", weights)
+    report.add("model", approximations, blocking=False)
     report.add("output", [p] if (p := check_output(job.output, job.storage_options)) else [])
     if check_portrait_roots:
         report.add("portraits", check_portraits(job), blocking=False)
@@ -164,26 +157,20 @@ def preflight(
     return report
 
 
-def check_weights(job: JobSpec, deep: bool = False) -> list[str]:
+def check_model(job: JobSpec, deep: bool = False) -> tuple[list[str], list[str]]:
+    """(problems with the weights, a line naming the opt-in settings that make the videos differ from the model's
+    reference inference), from one backend built without loading anything."""
     from farm.models import build_backend
 
     try:
-        return build_backend(job.model_spec()).check_weights(deep=deep)
+        backend = build_backend(job.model_spec())
+        problems = backend.check_weights(deep=deep)
     except Exception as exc:  # noqa: BLE001 - a bad model section or a storage fault is a finding, not a traceback
-        return [f"model: {type(exc).__name__}: {exc}"]
-
-
-def approximations(job: JobSpec) -> list[str]:
-    """One line naming the opt-in settings that make the videos differ from the model's reference inference."""
-    from farm.models import build_backend
-
-    try:
-        found = build_backend(job.model_spec()).approximations()
-    except Exception:  # noqa: BLE001 - check_weights already names a bad model section
-        return []
+        return [f"model: {type(exc).__name__}: {exc}"], []
+    found = backend.approximations()
     if not found:
-        return []
-    return [f"videos will differ from the reference inference, by choice: {'; '.join(found)}"]
+        return problems, []
+    return problems, [f"videos will differ from the reference inference, by choice: {'; '.join(found)}"]
 
 
 def check_output(output: str, storage_options: dict[str, Any] | None = None) -> str | None:
