@@ -64,6 +64,7 @@ from farm.models.lynx.face import LynxSubject, face_models, subject_from_image
 from farm.models.lynx.pipeline import OFFICIAL_NEGATIVE_PROMPT, Options
 from farm.models.lynx.quantize import check_quantize
 from farm.models.lynx.samplers import check_sampler
+from farm.models.lynx.weights import safetensors_header
 from farm.params import SamplingParams
 from farm.records import ErrorCode, RowError
 from farm.types import GenerationRequest
@@ -209,7 +210,7 @@ class LynxBackend(Backend):
         """The weights on ``device`` (the transformer streamed from the CPU with ``offload``), changed by the LoRAs,
         then quantized: offloading, compiling and quantizing all see the LoRAs' weights."""
         from farm.models.lynx.loader import apply_cpu_offload, load_lynx
-        from farm.models.lynx.quantize import quantize_transformer
+        from farm.models.lynx.quantize import apply_fp8
 
         model = load_lynx(
             self.spec.weights["base"],
@@ -223,8 +224,8 @@ class LynxBackend(Backend):
             from farm.models.lynx.lora import load_loras
 
             load_loras(model.transformer, self.spec.loras, self._storage_options())
-        if self.quantize:
-            quantize_transformer(model.transformer, self.quantize, device)
+        if self.quantize:  # the only mode, fp8; setup checked the device before anything loaded
+            apply_fp8(model.transformer)
         if offload:
             apply_cpu_offload(model, device)
         if self._option("vae_tiling", False):
@@ -269,9 +270,7 @@ class LynxBackend(Backend):
                     continue
                 digest.update(str(path.relative_to(folder)).encode() + str(path.stat().st_size).encode())
                 if path.suffix == ".safetensors":
-                    with open(path, "rb") as fh:
-                        size = int.from_bytes(fh.read(8), "little")
-                        digest.update(fh.read(size))
+                    digest.update(safetensors_header(path))
                 elif path.suffix == ".json":
                     digest.update(path.read_bytes())
         # The face embedding conditions every frame: name the embedder (and the official file's bytes).

@@ -31,7 +31,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from farm.models.lynx.lora_keys import LoraKeyError, map_keys
-from farm.models.lynx.weights import LynxWeightsError, local_file
+from farm.models.lynx.weights import LynxWeightsError, local_file, safetensors_header
 
 log = logging.getLogger("farm")
 METADATA_KEY = "lora_adapter_metadata"  # where diffusers and PEFT write the adapter config (alpha, rank)
@@ -178,10 +178,8 @@ def _pair_delta(lora: Lora, layer: LoraLayer, weight: torch.Tensor) -> torch.Ten
     return (up @ down).reshape(weight.shape) * lora.scaling(layer)
 
 
-def _add(param: torch.Tensor, delta: torch.Tensor, what: str) -> None:
-    """``param += delta`` computed in float32 and cast back to the parameter's dtype."""
-    if tuple(delta.shape) != tuple(param.shape):
-        raise LoraError(f"{what} has shape {tuple(delta.shape)}, the transformer's {tuple(param.shape)}")
+def _add(param: torch.Tensor, delta: torch.Tensor) -> None:
+    """``param += delta`` computed in float32 and cast back to the parameter's dtype (shapes checked beforehand)."""
     with torch.no_grad():
         param.copy_((param.float() + delta.to(param.device, torch.float32)).to(param.dtype))
 
@@ -242,25 +240,21 @@ def _check_layer(lora: Lora, layer: LoraLayer, module, weight: torch.Tensor) -> 
 
 
 def _apply_layer(lora, layer: LoraLayer, module, weight, scale: float, fuse: bool) -> None:
-    where = f"LoRA {lora.path!r}: {layer.target}"
     if layer.down is not None:
         if fuse or not isinstance(module, torch.nn.Linear):
-            _add(weight, _pair_delta(lora, layer, weight) * scale, where)
+            _add(weight, _pair_delta(lora, layer, weight) * scale)
         elif scale != 0.0:
             _attach_side(module, LowRankSide(layer.down, layer.up, lora.scaling(layer) * scale, weight))
     if layer.diff is not None:
-        _add(weight, layer.diff.float() * scale, f"{where} weight delta")
+        _add(weight, layer.diff.float() * scale)
     if layer.bias is not None:
-        _add(module.bias, layer.bias.float() * scale, f"{where} bias delta")
+        _add(module.bias, layer.bias.float() * scale)
 
 
 def file_fingerprint(path: str | Path) -> str:
     """A digest of a safetensors file's header (names, shapes, dtypes, offsets, metadata) and size."""
     path = Path(path)
-    with open(path, "rb") as fh:
-        length = int.from_bytes(fh.read(8), "little")
-        header = fh.read(length)
-    return hashlib.sha256(header + str(path.stat().st_size).encode()).hexdigest()[:16]
+    return hashlib.sha256(safetensors_header(path) + str(path.stat().st_size).encode()).hexdigest()[:16]
 
 
 def load_loras(transformer: torch.nn.Module, entries, storage_options: dict[str, Any] | None = None) -> list[str]:

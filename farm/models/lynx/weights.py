@@ -76,6 +76,12 @@ def check_state_dict(path: str, tensors: dict[str, Any], expected: dict[str, tup
             raise WrongShapeError(path, key, tuple(shape), got)
 
 
+def safetensors_header(path: Path) -> bytes:
+    """The JSON header of a local safetensors file, as stored (its 8-byte length, then that many bytes)."""
+    with open(path, "rb") as fh:
+        return fh.read(int.from_bytes(fh.read(8), "little"))
+
+
 def local_dir(uri: str, storage_options: dict[str, Any] | None = None) -> Path:
     """A local folder holding the checkpoint at ``uri``: the folder itself when local, else the node cache."""
     if storage.is_local(uri):
