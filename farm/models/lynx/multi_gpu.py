@@ -32,16 +32,6 @@ class PassModel:
     device: torch.device
 
 
-def adapter_state_of(transformer: Any, fallback: Any) -> Any:
-    """The ``AdapterState`` the transformer's adapter processors read (``fallback`` when it has none)."""
-    for block in transformer.blocks:
-        for attn in (block.attn1, block.attn2):
-            state = getattr(attn.processor, "state", None)
-            if state is not None:
-                return state
-    return fallback
-
-
 def copy_to(primary: PassModel, device: str | torch.device) -> PassModel:
     """A copy of ``primary``'s transformer whose every parameter and buffer is created directly on ``device`` (GPU
     to GPU: the first GPU never holds two copies); the copy's processors share one new ``AdapterState``."""
@@ -49,14 +39,11 @@ def copy_to(primary: PassModel, device: str | torch.device) -> PassModel:
     memo: dict[int, Any] = {}
     with torch.no_grad():
         for param in primary.transformer.parameters():
-            moved = param.detach().to(device)
-            memo[id(param)] = torch.nn.Parameter(moved, requires_grad=False) if moved is not param else param
+            memo[id(param)] = torch.nn.Parameter(param.detach().to(device), requires_grad=False)
         for buffer in primary.transformer.buffers():
             memo[id(buffer)] = buffer.to(device)
     transformer = copy.deepcopy(primary.transformer, memo)
-    state = adapter_state_of(transformer, fallback=None)
-    if state is None:  # no adapter installed: the state object is still the one the pipeline sets
-        state = copy.deepcopy(primary.state)
+    state = copy.deepcopy(primary.state, memo)  # through the same memo: the state the copied processors read
     return PassModel(transformer, state, device)
 
 
