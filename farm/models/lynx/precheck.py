@@ -343,6 +343,7 @@ def check_loras(
 ) -> list[str]:
     """Every ``model.weights.lora`` entry is a ``.safetensors`` file; deep: its keys name layers of the base."""
     problems = []
+    blocks = _base_blocks(weights.get("base"), storage_options) if deep and loras else None
     for index, lora in enumerate(loras):
         role = f"lora[{index}]"
         if not lora.path.endswith(".safetensors"):
@@ -350,13 +351,19 @@ def check_loras(
             continue
         problem = check_file(role, lora.path, storage_options)
         if problem is None and deep:
-            problem = _lora_keys_problem(role, lora.path, weights.get("base"), storage_options)
+            problem = _lora_keys_problem(role, lora.path, blocks, storage_options)
         if problem:
             problems.append(problem)
     return problems
 
 
-def _lora_keys_problem(role: str, uri: str, base: str | None, storage_options: dict[str, Any] | None) -> str | None:
+def _base_blocks(base: str | None, storage_options: dict[str, Any] | None) -> int | None:
+    """The base transformer's block count, or None when its config cannot be read (the base's own check says so)."""
+    config = read_transformer_config(Folder(base, {}), storage_options) if base else {}
+    return int(config["num_layers"]) if "num_layers" in config else None
+
+
+def _lora_keys_problem(role: str, uri: str, blocks: int | None, storage_options: dict[str, Any] | None) -> str | None:
     from farm.models.lynx.lora_keys import LoraKeyError, map_keys
 
     try:
@@ -366,11 +373,10 @@ def _lora_keys_problem(role: str, uri: str, base: str | None, storage_options: d
         return f"weights.{role}: {exc}; download the file again"
     except Exception as exc:  # noqa: BLE001 - a storage fault while reading
         return f"weights.{role}: cannot read {uri!r} ({type(exc).__name__}: {exc})"
-    config = read_transformer_config(Folder(base, {}), storage_options) if base else {}
-    if "num_layers" not in config:
+    if blocks is None:
         return None  # the base's own check names a missing config
     try:
-        map_keys(header, int(config["num_layers"]), where=f"weights.{role} {uri!r}")
+        map_keys(header, blocks, where=f"weights.{role} {uri!r}")
     except LoraKeyError as exc:
         return str(exc)
     return None
