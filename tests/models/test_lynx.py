@@ -162,7 +162,7 @@ def test_batched_guidance_falls_back_when_the_batch_does_not_fit() -> None:
     pipe = LynxPipeline(pipeline("full").model)
     real_forward = pipe._forward
 
-    def forward(latents, timestep, text, samples, context, transformer=None):
+    def forward(latents, timestep, text, samples, context, transformer):
         if samples > 1:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
         return real_forward(latents, timestep, text, samples, context, transformer)

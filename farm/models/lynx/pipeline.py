@@ -231,7 +231,7 @@ class LynxPipeline:
         self._reset_step_cache()  # a record pass must run every block: nothing cached from another pass may stand in
         try:
             timestep = torch.tensor([0], dtype=torch.long, device=self.device)
-            self._forward(latent, timestep, text.to(latent.dtype), 1, "lynx-record")
+            self._forward(latent, timestep, text.to(latent.dtype), 1, "lynx-record", model.transformer)
             return state.recorded()
         finally:
             state.clear()
@@ -251,15 +251,14 @@ class LynxPipeline:
         text: torch.Tensor,
         samples: int,
         context: str,
-        transformer: Any = None,
+        transformer: Any,
     ) -> torch.Tensor:
-        """One transformer evaluation (on the model's own transformer unless another copy is given); with
-        ``step_cache``, in the cache ``context`` of this kind of pass, so a pass is only ever compared with the same
-        pass at the previous step."""
+        """One evaluation of ``transformer`` (the model's own, or a copy on another device); with ``step_cache``, in
+        the cache ``context`` of this kind of pass, so a pass is only ever compared with the same pass at the previous
+        step."""
         with self._count_lock:
             self.dit_forwards += 1
             self.dit_samples += samples
-        transformer = self.model.transformer if transformer is None else transformer
         if self._cache_enabled:
             with transformer.cache_context(context):
                 return transformer(latents, timestep, text, return_dict=False)[0]
@@ -278,12 +277,12 @@ class LynxPipeline:
             return self._run_split(latents, t, passes, ip_scale, ref_scale, batched and self._batch_fits)
         if batched and self._batch_fits and len(passes) > 1:
             try:
-                return self._evaluate(latents, t, [passes], ["lynx-batched"], ip_scale, ref_scale)
+                return self._evaluate(latents, t, [passes], ["lynx-batched"], ip_scale, ref_scale, self.pass_models[0])
             except torch.cuda.OutOfMemoryError:
                 self._batch_fits = False
                 torch.cuda.empty_cache()
         contexts = [f"lynx-pass-{k}" for k in range(len(passes))]
-        return self._evaluate(latents, t, [[p] for p in passes], contexts, ip_scale, ref_scale)
+        return self._evaluate(latents, t, [[p] for p in passes], contexts, ip_scale, ref_scale, self.pass_models[0])
 
     def _run_split(self, latents, t, passes, ip_scale, ref_scale, batched: bool) -> list[torch.Tensor]:
         """Each device runs its share of the passes (``split_passes``) in its own thread; the predictions come back
@@ -328,8 +327,7 @@ class LynxPipeline:
             latents, t = latents.to(device), t.to(device)
             return self._evaluate(latents, t, groups, contexts, ip_scale, ref_scale, pass_model)
 
-    def _evaluate(self, latents, t, groups, contexts, ip_scale, ref_scale, pass_model=None) -> list[torch.Tensor]:
-        pass_model = pass_model or self.pass_models[0]
+    def _evaluate(self, latents, t, groups, contexts, ip_scale, ref_scale, pass_model) -> list[torch.Tensor]:
         state = pass_model.state
         outs: list[torch.Tensor] = []
         for group, context in zip(groups, contexts, strict=True):
