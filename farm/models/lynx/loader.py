@@ -30,6 +30,7 @@ from farm.models.lynx.layout import (
     VARIANTS,
     missing_base_files,
 )
+from farm.models.lynx.quiet import no_progress_bars
 from farm.models.lynx.resampler import Resampler
 from farm.models.lynx.weights import (
     LynxWeightsError,
@@ -233,11 +234,12 @@ def load_lynx(
         except (ValueError, OSError, RuntimeError) as exc:  # diffusers/transformers name the tensor, not the file
             raise LynxWeightsError(f"{base_dir / name}: {exc}") from exc
 
-    tokenizer = part("tokenizer", AutoTokenizer.from_pretrained)
-    text_encoder = part("text_encoder", lambda p: UMT5EncoderModel.from_pretrained(p, dtype=dtype).eval())
-    vae = part("vae", lambda p: AutoencoderKLWan.from_pretrained(p, dtype=dtype).eval())
-    transformer = part("transformer", lambda p: WanTransformer3DModel.from_pretrained(p, dtype=dtype).eval())
-    scheduler = part("scheduler", UniPCMultistepScheduler.from_pretrained)
+    with no_progress_bars():
+        tokenizer = part("tokenizer", AutoTokenizer.from_pretrained)
+        text_encoder = part("text_encoder", lambda p: UMT5EncoderModel.from_pretrained(p, dtype=dtype).eval())
+        vae = part("vae", lambda p: AutoencoderKLWan.from_pretrained(p, dtype=dtype).eval())
+        transformer = part("transformer", lambda p: WanTransformer3DModel.from_pretrained(p, dtype=dtype).eval())
+        scheduler = part("scheduler", UniPCMultistepScheduler.from_pretrained)
     if not scheduler.config.use_flow_sigmas:
         raise LynxWeightsError(f"{base_dir / 'scheduler'}: Lynx needs Wan's flow-sigma UniPC config (use_flow_sigmas)")
 
