@@ -111,6 +111,17 @@ def _holder_died_here(holder: dict[str, Any]) -> bool:
     return False
 
 
+def holds_lease(holder: dict[str, Any] | None, run_id: str, now: float) -> bool:
+    """Whether run ``run_id`` holds the output, judged from the lease read (``holder``): it is the holder, the lease
+    has not expired, and its process is not known to be gone (same host)."""
+    if not holder or holder.get("run_id") != run_id:
+        return False
+    expires = holder.get("expires_at")
+    if isinstance(expires, (int, float)) and expires < now:
+        return False
+    return not _holder_died_here(holder)
+
+
 def describe_holder(record: dict[str, Any], now: float | None = None) -> str:
     """``run R on host H (pid P), lease expires <iso> (in N s)`` for messages and ``farm status``."""
     expires = record.get("expires_at")

@@ -16,7 +16,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from farm import secrets, storage
-from farm.lease import OutputLease, describe_holder
+from farm.lease import OutputLease, describe_holder, holds_lease
 from farm.manifest import column_values
 from farm.storage import OutputLayout
 from farm.table import DamagedPart, read_results
@@ -70,20 +70,29 @@ def status_dict(output: str, storage_options: dict[str, Any] | None = None, now:
         "mean_s": {
             name: pc.mean(ok.column(name)).as_py() if ok.num_rows else None for name in ("generate_s", "total_s")
         },
-        "runs": [_run_state(run, now) for run in meta.get("runs", [])],
+        "runs": [_run_state(run, now, holder) for run in meta.get("runs", [])],
         "lease": {"holder": holder, "text": describe_holder(holder, now)} if holder else None,
         "damaged_parts": [{"uri": d.uri, "reason": d.reason} for d in damaged],
     }
     return json.loads(secrets.scrub(json.dumps(secrets.redact_spec(out), default=str)))
 
 
-def _run_state(run: dict[str, Any], now: float) -> dict[str, Any]:
-    """A ``_job.json`` run entry, without its spec, with ``heartbeat_age_s`` and ``stale`` for a running one."""
+def _run_state(run: dict[str, Any], now: float, holder: dict[str, Any] | None) -> dict[str, Any]:
+    """A ``_job.json`` run entry, without its spec; a running one gets ``heartbeat_age_s`` and ``stale`` (its driver
+    is gone: the heartbeat stopped, or the run no longer holds the output lease) with ``stale_reason``."""
     state = {k: v for k, v in run.items() if k not in ("spec", "model_config", "metrics_config", "resolved_defaults")}
+    if run.get("status") != "running":
+        return state
     beat, every = run.get("heartbeat_at"), run.get("heartbeat_every_s")
-    if run.get("status") == "running" and beat and every:
+    reasons = []
+    if beat and every:
         age = now - dt.datetime.fromisoformat(beat).timestamp()
-        state.update(heartbeat_age_s=round(age, 1), stale=age > STALE_AFTER_BEATS * float(every))
+        state["heartbeat_age_s"] = round(age, 1)
+        if age > STALE_AFTER_BEATS * float(every):
+            reasons.append(f"its heartbeat stopped {age:.0f}s ago")
+    if not holds_lease(holder, str(run.get("run_id")), now):
+        reasons.append("it no longer holds the output lease")
+    state.update(stale=bool(reasons), stale_reason="; ".join(reasons) or None)
     return state
 
 
@@ -113,16 +122,15 @@ def _run_line(run: dict[str, Any]) -> str:
     live = run.get("progress") or {}
     if run.get("status") == "running":
         if run.get("stale"):
-            return (
-                f"{head} but its heartbeat stopped {run['heartbeat_age_s']:.0f}s ago (the driver is gone): rerun the "
-                "same command to resume"
-            )
+            return f"{head} but its driver is gone ({run['stale_reason']}): rerun the same command to resume"
         eta = live.get("eta_s")
         return (
             f"{head}  rows: {live.get('rows_done')}/{live.get('rows_total')}  rate: {live.get('rows_per_s')} rows/s  "
             f"ETA: {'-' if eta is None else f'{eta:.0f}s'}  replicas: {live.get('replicas')}  "
             f"last commit: {run.get('last_commit_at')}  heartbeat: {run.get('heartbeat_age_s')}s ago"
         )
+    if run.get("ended_by"):
+        return f"{head}: {run['ended_by']} (rows done by then: {live.get('rows_done', '-')})"
     elapsed = run.get("elapsed_s")
     done = sum(v for k, v in run.get("counts", {}).items() if ":" not in k)
     rate = f"{done / elapsed * 3600:.0f} rows/h" if elapsed else "-"

@@ -564,11 +564,18 @@ class Driver:
         params = self.defaults.params.as_dict()
         return {**params, "negative_prompt": self.defaults.negative_prompt, "seed": self.defaults.base_seed}
 
+    def _ended(self, run: dict[str, Any]) -> dict[str, Any]:
+        """An earlier run still marked running while this one holds the lease: its driver died without a last word."""
+        if run.get("status") != "running":
+            return run
+        took_over = f"its driver stopped without a final update; run #{self.run_seq} took over the output"
+        return {**run, "status": "interrupted", "ended_by": took_over}
+
     def _write_job_json(self, status: str, summary: RunSummary | None = None) -> None:
         """``_job.json``: the latest spec and model at the top, and one entry per run ever made into this output
         (its own resolved spec and settings, never overwritten by a later run)."""
         previous = self.layout.read_json(self.layout.job_json)
-        runs = [r for r in previous.get("runs", []) if r.get("run_id") != self.run_id]
+        runs = [self._ended(r) for r in previous.get("runs", []) if r.get("run_id") != self.run_id]
         spec = self.job.model_dump(mode="json")  # redacted below with the rest (README "Credentials")
         runs.append(
             {
