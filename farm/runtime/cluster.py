@@ -12,7 +12,7 @@ asks for GPUs fall back to CPU replicas.
 3. a cluster-launcher config: ``$FARM_AUTOSCALER_CONFIG``, else ``~/ray_bootstrap_config.yaml`` on the head node;
 In 2 and 3: the sum over worker node types of ``max_workers`` x their ``resources.GPU`` (largest nodes first, capped
 by the top-level ``max_workers``), plus the head's.
-4. otherwise the GPUs the cluster has now; the figure is re-read as nodes join, and never goes down during a job.
+4. otherwise the GPUs the cluster has now, re-read as nodes join and leave (``pool.ReplicaPool._wanted``).
 """
 
 from __future__ import annotations
@@ -58,6 +58,12 @@ def resources_now() -> dict[str, float]:
     """CPU and GPU totals of the nodes alive now."""
     have = ray.cluster_resources()
     return {"CPU": float(have.get("CPU", 0)), "GPU": float(have.get("GPU", 0))}
+
+
+def largest_node_gpus() -> float:
+    """The most GPUs one alive node has: all GPUs of a replica must be on one node."""
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    return max((float((n.get("Resources") or {}).get("GPU", 0)) for n in nodes), default=0.0)
 
 
 def alive_nodes() -> set[str]:
@@ -141,4 +147,12 @@ def is_multi_node() -> bool:
     return len(alive_nodes()) > 1 or bool(max_gpus())
 
 
-__all__ = ["alive_nodes", "connect", "gpus_in_launcher_config", "max_gpus", "request_bundles", "resources_now"]
+__all__ = [
+    "alive_nodes",
+    "connect",
+    "gpus_in_launcher_config",
+    "largest_node_gpus",
+    "max_gpus",
+    "request_bundles",
+    "resources_now",
+]

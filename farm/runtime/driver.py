@@ -165,6 +165,12 @@ class Driver:
                     "the Ray cluster has no GPU yet: replicas wait for GPU nodes (the autoscaler is asked); "
                     "set resources.allow_cpu: true to run on CPU instead"
                 )
+        if embedded and gpus > 0 and 0 < cluster.largest_node_gpus() < gpus:
+            raise SpecError(
+                f"resources.gpus_per_replica={res.gpus_per_replica:g}: this machine has "
+                f"{cluster.largest_node_gpus():g} GPU(s) (the Ray the farm started here), and a replica's GPUs must "
+                "all be on one node: lower gpus_per_replica, or join a cluster with larger nodes (--address)"
+            )
         return Ask(gpus=gpus, cpus=cpus)
 
     def _check_output_reachable(self, embedded: bool) -> None:
@@ -373,8 +379,9 @@ class Driver:
         embedded = cluster.connect(self.address)
         self.metrics = FarmMetrics(self.job.name, self.run_id)
         self._check_output_reachable(embedded)
+        ask = self._ask(embedded)
         done = self._take_output(manifest, schema)
-        self._start(manifest, done, embedded)
+        self._start(manifest, done, ask, embedded)
         previous = signal.getsignal(signal.SIGTERM)
         if previous is not None and _in_main_thread():
             signal.signal(signal.SIGTERM, _raise_interrupt)
@@ -421,10 +428,10 @@ class Driver:
             self.lease.release()
             raise
 
-    def _start(self, manifest: Manifest, done: set[str], embedded: bool) -> None:
+    def _start(self, manifest: Manifest, done: set[str], ask: Ask, embedded: bool) -> None:
         """The replica pool and the scheduler over the rows still to make; the run is now ``running``."""
         job = self.job
-        self.pool = ReplicaPool(job, self._ask(embedded), job.resources.replicas, self.run_id, embedded)
+        self.pool = ReplicaPool(job, ask, job.resources.replicas, self.run_id, embedded)
         self.scheduler = Scheduler(
             self._row_stream(manifest, self.defaults, done),
             cap=job.resources.in_flight_per_replica,

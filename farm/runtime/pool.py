@@ -3,8 +3,10 @@
 The pool keeps ``target`` replicas alive (placed or waiting for room). A replica waiting for room is an actor that
 Ray has not placed yet: it starts the moment a node with a free GPU joins, and its pending demand (plus an explicit
 ``request_resources`` ask) is what makes an autoscaler add nodes. With ``replicas: all`` the target follows what the
-cluster has or can scale to (``cluster.max_gpus``) and never goes down during a job, so replicas lost with their
-nodes are re-placed when capacity returns.
+cluster can scale to (``cluster.max_gpus``) where an autoscaler says, else the GPUs it has now, less those of
+replicas that stopped answering (Ray counts a dead node's GPUs until its health check gives up, ~15 s): a node
+replaced in that window does not leave a replica waiting for room for the rest of the job. Replicas lost with their
+nodes are re-placed as capacity returns; replicas over the target that have not loaded are stopped (newest first).
 
 Losses are classified here, from what Ray reports: a replica whose node died or was preempted is ``NODE_LOST`` (not
 the rows' fault); one whose process died on a live node is a ``CRASH``. An unreachable replica
@@ -122,10 +124,11 @@ class ReplicaPool:
 
     # ------------------------------------------------------------------ size
     def reconcile(self) -> None:
-        """Grow to the target (new actors wait for room); ask the autoscaler for what is missing."""
-        self.target = max(self.target, self._wanted())
+        """Grow or trim to the target (new actors wait for room); ask the autoscaler for what is missing."""
+        self.target = self._wanted()
         while self._counted() < self.target:
             self._start()
+        self._trim()
         if not self.embedded and self.ask.gpus > 0 and self._asked != self.target:
             cluster.request_bundles([self.ask.bundle()] * self.target)
             self._asked = self.target
@@ -135,12 +138,22 @@ class ReplicaPool:
         if it answers again the pool runs one over target, which costs nothing but an idle bundle."""
         return sum(1 for h in self.handles.values() if not h.probe_deadline)
 
+    def _trim(self) -> None:
+        """Stop replicas over the target that hold no rows yet (waiting for room or loading), newest first: the
+        target went down (capacity left), or a replica given up as unreachable answered again."""
+        surplus = self._counted() - self.target
+        idle = [k for k, h in reversed(self.handles.items()) if h.info is None and not h.probe_deadline]
+        for key in idle[: max(0, surplus)]:
+            log.info("%s stopped before loading: %d replica(s) wanted", key, self.target)
+            self.kill(key)
+
     def _wanted(self) -> int:
         if self.fixed_target is not None:
             return self.fixed_target
         if self.ask.gpus <= 0:
             return 1
-        gpus = max(cluster.resources_now()["GPU"], self._ceiling())
+        unreachable = sum(1 for h in self.handles.values() if h.probe_deadline) * self.ask.gpus
+        gpus = max(cluster.resources_now()["GPU"] - unreachable, self._ceiling())
         return max(1, math.floor(gpus / self.ask.gpus + 1e-9))
 
     def _ceiling(self) -> float:
@@ -302,6 +315,16 @@ class ReplicaPool:
         return (
             f"{len(self.ready)}/{self.target} replicas ready, {pending} loading or waiting for room "
             f"(each asks for {self.ask.describe()}; the cluster has {have['GPU']:g} GPU, {have['CPU']:g} CPU)"
+        ) + self._no_node_fits()
+
+    def _no_node_fits(self) -> str:
+        """Words for a GPU ask larger than any node: the cluster's total may look enough, but no node can hold one."""
+        largest = cluster.largest_node_gpus()
+        if not 0 < largest < self.ask.gpus:
+            return ""
+        return (
+            f"; no node has {self.ask.gpus:g} GPUs (the largest has {largest:g}) and a replica's GPUs must all be on "
+            f"one node: lower resources.gpus_per_replica, or add nodes with {self.ask.gpus:g} or more GPUs"
         )
 
     def stats(self) -> list[dict[str, float]]:

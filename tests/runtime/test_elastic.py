@@ -148,6 +148,23 @@ def test_replicas_are_replaced_when_capacity_returns(cluster: Any, tmp_path: Pat
     assert len(recs) == 24 and {r["status"] for r in recs.values()} == {"ok"}
     assert any(r["node"].endswith(replacement.node_id[:8]) for r in recs.values())
     assert all(r["attempts"] <= 2 for r in recs.values())
+    # the new node joined while Ray still counted the dead one: the target went back to the one GPU there is
+    assert '"replicas": 1,' in output, output
+
+
+@pytest.mark.slow
+def test_a_replica_larger_than_any_node_is_named_while_waiting(cluster: Any, tmp_path: Path) -> None:
+    """Two 1-GPU nodes, 2 GPUs per replica: the total looks enough, no node can hold one; the wait says so."""
+    cluster.add_node(num_cpus=1, num_gpus=1)
+    cluster.add_node(num_cpus=1, num_gpus=1)
+    spec = _spec(tmp_path, 2, runtime={"start_timeout_s": 15})
+    data = yaml.safe_load(spec.read_text())
+    data["resources"]["gpus_per_replica"] = 2
+    spec.write_text(yaml.safe_dump(data))
+    proc = farm_run_process(spec, cluster.address)
+    output = proc.communicate(timeout=240)[0]
+    assert proc.returncode == 3, output
+    assert "no node has 2 GPUs (the largest has 1)" in output and "lower resources.gpus_per_replica" in output, output
 
 
 def _free_port() -> int:
