@@ -165,13 +165,19 @@ class Driver:
                     "the Ray cluster has no GPU yet: replicas wait for GPU nodes (the autoscaler is asked); "
                     "set resources.allow_cpu: true to run on CPU instead"
                 )
-        if embedded and gpus > 0 and 0 < cluster.largest_node_gpus() < gpus:
-            raise SpecError(
-                f"resources.gpus_per_replica={res.gpus_per_replica:g}: this machine has "
-                f"{cluster.largest_node_gpus():g} GPU(s) (the Ray the farm started here), and a replica's GPUs must "
-                "all be on one node: lower gpus_per_replica, or join a cluster with larger nodes (--address)"
-            )
+        if embedded and gpus > 0:
+            self._check_machine_fits(gpus)
         return Ask(gpus=gpus, cpus=cpus)
+
+    def _check_machine_fits(self, gpus: float) -> None:
+        """The farm's own Ray is this one machine: a replica needing more GPUs than it has could never start."""
+        have = cluster.largest_node_gpus()
+        if 0 < have < gpus:
+            raise SpecError(
+                f"resources.gpus_per_replica={self.job.resources.gpus_per_replica:g}: this machine has {have:g} "
+                "GPU(s) (the Ray the farm started here), and a replica's GPUs must all be on one node: lower "
+                "gpus_per_replica, or join a cluster with larger nodes (--address)"
+            )
 
     def _check_output_reachable(self, embedded: bool) -> None:
         """A local-path output on several nodes would scatter videos across their disks: refuse unless shared."""
