@@ -253,6 +253,12 @@ class Runtime(_Strict):
     )
     check_portraits: bool = Field(default=False, description="`farm validate`: also open every portrait")
     max_replica_restarts: int = Field(default=50, ge=0, description="Give up after this many replica deaths")
+    infra_abort_after: int = Field(
+        default=10,
+        ge=0,
+        description="Stop the job (exit 3) when this many rows in a row fail on infrastructure faults (storage, "
+        "network, credentials, out of memory) after all their attempts; a plain rerun redoes them. 0: never stop",
+    )
     start_timeout_s: float = Field(
         default=1800.0, gt=0, description="Abort if no replica is ready (placed and loaded) for this long"
     )

@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import logging
 import random
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -83,10 +84,18 @@ INFRA_MESSAGES = ("session is closed", "connector is closed", "event loop is clo
 ROW_ERRNOS = frozenset({errno.EINVAL, errno.ENAMETOOLONG, errno.ELOOP})
 
 
-def _chain(exc: BaseException) -> Iterator[BaseException]:
+def handling() -> BaseException | None:
+    """The exception being handled where an operation starts (``sys.exc_info``): not evidence about that operation.
+    Python chains it to whatever the operation raises (``__context__``), e.g. a listing that finds nothing while the
+    caller's ``finally`` handles an earlier AccessDenied; ``classify`` must not read that 403 as this call's."""
+    return sys.exc_info()[1]
+
+
+def _chain(exc: BaseException, outer: BaseException | None = None) -> Iterator[BaseException]:
     """``exc`` and the exceptions behind it, each once: ``__cause__`` / ``__context__``, and exceptions carried in its
-    arguments (urllib3's ``ProtocolError('Connection aborted.', ConnectionResetError(...))``)."""
-    seen: set[int] = set()
+    arguments (urllib3's ``ProtocolError('Connection aborted.', ConnectionResetError(...))``); never ``outer`` (see
+    ``handling``) or what is behind it."""
+    seen: set[int] = {id(e) for e in _chain(outer)} if outer is not None else set()
     todo: list[BaseException] = [exc]
     while todo and len(seen) < 16:
         current = todo.pop(0)
@@ -111,16 +120,17 @@ def http_status(exc: BaseException) -> tuple[str, int | None]:
     return "", None
 
 
-def classify(exc: BaseException, *, local: bool = False) -> Fault:
+def classify(exc: BaseException, *, local: bool = False, outer: BaseException | None = None) -> Fault:
     """Whether ``exc`` (raised while talking to a store, or reading a local file when ``local``) is the
-    infrastructure's fault, a missing object, or something else. The one place that decides this."""
-    for inner in _chain(exc):  # an answer of the store is the most specific evidence
+    infrastructure's fault, a missing object, or something else. The one place that decides this. ``outer``: the
+    exception that was being handled when the failed operation started (``handling()``), left out of the evidence."""
+    for inner in _chain(exc, outer):  # an answer of the store is the most specific evidence
         code, status = http_status(inner)
         if code in MISSING_CODES or status in (404, 410):
             return Fault.MISSING
         if code in INFRA_CODES or status in (401, 403, 408, 429) or (status is not None and status >= 500):
             return Fault.INFRA
-    for inner in _chain(exc):  # before "missing": fsspec's http info reports a timeout as FileNotFoundError
+    for inner in _chain(exc, outer):  # before "missing": fsspec's http info reports a timeout as FileNotFoundError
         if isinstance(inner, InfraError | TimeoutError | ConnectionError):
             return Fault.INFRA
         if any(cls.__name__ in INFRA_CLASSES for cls in type(inner).__mro__):
@@ -137,9 +147,9 @@ def classify(exc: BaseException, *, local: bool = False) -> Fault:
     return Fault.OTHER
 
 
-def describe(exc: BaseException) -> str:
+def describe(exc: BaseException, outer: BaseException | None = None) -> str:
     """``Type: message (code, HTTP status)``: the underlying reason, for messages and logs."""
-    code, status = next(((c, s) for c, s in map(http_status, _chain(exc)) if c or s), ("", None))
+    code, status = next(((c, s) for c, s in map(http_status, _chain(exc, outer)) if c or s), ("", None))
     extra = ", ".join(str(x) for x in (code, status) if x)
     return f"{type(exc).__name__}: {exc}" + (f" ({extra})" if extra and str(extra) not in str(exc) else "")
 
@@ -171,15 +181,16 @@ def with_retries(
 ) -> T:
     """``fn()``, retried while it fails with an infrastructure fault; then ``InfraError`` naming ``what`` and the
     underlying error. Missing objects and other errors are raised unchanged at once."""
+    outer = handling()
     for attempt in range(1, policy.attempts + 1):
         try:
             return fn()
         except Exception as exc:  # noqa: BLE001 - classified below; non-infra faults are re-raised as they are
-            if classify(exc, local=local) is not Fault.INFRA:
+            if classify(exc, local=local, outer=outer) is not Fault.INFRA:
                 raise
             if attempt >= policy.attempts:
                 tries = f" after {attempt} attempts" if attempt > 1 else ""
-                raise InfraError(f"{what} failed{tries}: {describe(exc)}") from exc
+                raise InfraError(f"{what} failed{tries}: {describe(exc, outer)}") from exc
             wait = policy.delay(attempt)
             log.warning("%s failed (attempt %d/%d, retrying in %.2f s): %s", what, attempt, policy.attempts, wait, exc)
             sleep(wait)

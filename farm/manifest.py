@@ -21,7 +21,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from farm import storage
-from farm.faults import DEFAULT_RETRY, Fault, classify, with_retries
+from farm.faults import DEFAULT_RETRY, Fault, classify, handling, with_retries
 from farm.params import SAMPLING_FIELDS, SamplingParams, check_seed, is_missing
 from farm.records import ErrorCode, InfraError, RowError
 from farm.results import carried_name
@@ -56,19 +56,36 @@ def _expand(uri: str, storage_options: dict[str, Any] | None) -> tuple[Any, list
     return with_retries(lambda: _expand_once(uri, storage_options), f"listing manifest {uri!r}")
 
 
+def _footer(fs: Any, path: str) -> pq.FileMetaData:
+    """A file's Parquet footer, opened through fsspec itself: pyarrow's wrapper first asks ``isfile``, which fsspec
+    answers False on *any* error, so a throttled or refused HEAD would read as a missing file (never retried)."""
+    with fs.open(path, "rb") as fh:
+        return pq.read_metadata(fh)
+
+
+def _info(fs: Any, path: str) -> dict[str, Any] | None:
+    """``fs.info(path)``, None when nothing is there. Not ``exists``/``isdir``: fsspec's answer False on any error
+    would hide a storage fault; this raises it (for ``with_retries``)."""
+    try:
+        return fs.info(path)
+    except FileNotFoundError:
+        return None
+
+
 def _expand_once(uri: str, storage_options: dict[str, Any] | None) -> tuple[Any, list[str]]:
     fs, path = storage.get_fs(uri, storage_options)
-    if fs.exists(path):  # checked first: a real name may contain glob characters (``run[1]/m.parquet``)
-        files = _find_parquet(fs, path) if fs.isdir(path) else [path]
+    info = _info(fs, path)  # checked first: a real name may contain glob characters (``run[1]/m.parquet``)
+    if info is not None:
+        files = _find_parquet(fs, path) if info.get("type") == "directory" else [path]
     elif any(ch in path for ch in "*?["):
         # hidden/underscore names are skipped below the glob's literal prefix, as for a directory
         cut = min(i for i in (path.find(ch) for ch in "*?[") if i >= 0)
         root = path[:cut].rsplit("/", 1)[0]
         files = []
-        for match in fs.glob(path):
+        for match, found in fs.glob(path, detail=True).items():
             if not _visible(match, root):
                 continue
-            if fs.isdir(match):  # a Spark-style ``x.parquet/`` folder of parts
+            if found.get("type") == "directory":  # a Spark-style ``x.parquet/`` folder of parts
                 files.extend(_find_parquet(fs, match))
             elif match.endswith(".parquet"):
                 files.append(match)
@@ -141,7 +158,7 @@ class Manifest:
         per_file: list[tuple[str, int, pa.Schema]] = []
         for f in files:
             try:
-                meta = with_retries(lambda f=f: pq.read_metadata(f, filesystem=self.fs), f"reading manifest {f!r}")
+                meta = with_retries(lambda f=f: _footer(self.fs, f), f"reading manifest {f!r}")
                 schema = meta.schema.to_arrow_schema()
             except InfraError:
                 raise
@@ -214,6 +231,7 @@ class Manifest:
         """One file's batches; a storage fault mid-file reopens it and skips the batches already given (retried as
         ``farm.faults`` says, then ``InfraError``); a damaged file is a ``ManifestError`` naming it."""
         given = 0
+        outer = handling()
         for attempt in range(1, DEFAULT_RETRY.attempts + 1):
             try:
                 with self.fs.open(path, "rb") as fh:
@@ -226,7 +244,7 @@ class Manifest:
                             given += 1
                 return
             except Exception as exc:  # noqa: BLE001 - classified: storage faults retried, damage named
-                if classify(exc) is Fault.INFRA:
+                if classify(exc, outer=outer) is Fault.INFRA:
                     if attempt < DEFAULT_RETRY.attempts:
                         time.sleep(DEFAULT_RETRY.delay(attempt))
                         continue

@@ -7,8 +7,9 @@ them with what this spec and manifest would make:
   bytes, model settings) is *changed*: the run refuses with a summary of what changed (``ChangedRows``) unless
   ``--regenerate-changed`` redoes it; one whose metric settings alone changed is rescored from its committed video
   with ``--rescore-changed`` (no generation);
-- a ``failed`` or ``skipped`` row whose inputs changed is redone (nothing good is lost), as is every ``failed`` row
-  with ``--retry-failed``;
+- a ``failed`` or ``skipped`` row whose inputs changed is redone (nothing good is lost), as is a row that failed on
+  the infrastructure (``infra_error``: storage, network, credentials; never the row's fault), and every ``failed``
+  row with ``--retry-failed``;
 - records written before fingerprints existed are kept as they are (counted); committed ids no longer in the
   manifest are kept and counted.
 """
@@ -30,13 +31,14 @@ from farm import fingerprints, storage, table
 from farm.config import SpecError
 from farm.manifest import Manifest, RowDefaults, RowState, plan_rows, resolve_keyed
 from farm.params import SAMPLING_FIELDS
-from farm.records import Record, RowError, Status
+from farm.records import ErrorCode, Record, RowError, Status
 from farm.storage import OutputLayout
 
 log = logging.getLogger("farm")
 
 COMPARED = [
     "status",
+    "error_code",
     "request_fingerprint",
     "metrics_config",
     "portrait",
@@ -147,7 +149,8 @@ def _classify(
     metrics_moved = pc.fill_null(pc.not_equal(joined.column("metrics_config"), ctx.metrics_config), True)
     rescore = _ids(joined, pc.and_(same_ok, metrics_moved)) - regenerate
     failed = pc.fill_null(pc.equal(joined.column("status"), Status.FAILED.value), False)
-    redo = _ids(joined, pc.and_(pc.invert(ok), differs)) | (_ids(joined, failed) if retry_failed else set())
+    infra = pc.and_(failed, pc.fill_null(pc.equal(joined.column("error_code"), ErrorCode.INFRA.value), False))
+    redo = _ids(joined, pc.and_(pc.invert(ok), differs)) | _ids(joined, failed if retry_failed else infra)
     return regenerate, rescore, redo
 
 

@@ -225,7 +225,13 @@ def write_bytes_atomic(uri: str, data: bytes, storage_options: dict[str, Any] | 
             os.fsync(fh.fileno())
         os.replace(tmp, path)
         return
-    _remote(uri, "writing", lambda: fs.pipe_file(path, data))
+    try:
+        _remote(uri, "writing", lambda: fs.pipe_file(path, data))
+    except FileNotFoundError as exc:  # a PUT cannot miss its key: the bucket (container) itself is gone
+        raise InfraError(
+            f"writing {uri!r} failed: its bucket does not exist ({describe(exc)}); was it deleted or mistyped? "
+            "Create it or change the output, then rerun"
+        ) from exc
 
 
 def list_files(uri: str, suffix: str, storage_options: dict[str, Any] | None = None) -> list[str]:
@@ -384,6 +390,7 @@ def load_portrait(
         raise RowError(ErrorCode.MISSING_PORTRAIT, "the row has no portrait; give an image URI")
     check_allowed_root(uri, policy.allowed_roots)
     limits = policy.limits
+    outer = faults.handling()
     try:
         size, stamp = _portrait_size(uri, storage_options, policy.retry)
         if size is not None and size > limits.max_bytes:
@@ -395,11 +402,15 @@ def load_portrait(
     except (RowError, InfraError):
         raise
     except Exception as exc:  # noqa: BLE001 - classified: the infrastructure's fault or the row's
-        if classify(exc, local=is_local(uri)) is Fault.INFRA:
-            raise InfraError(f"fetching portrait {uri!r} failed: {describe(exc)}") from exc
+        if classify(exc, local=is_local(uri), outer=outer) is Fault.INFRA:
+            raise InfraError(f"fetching portrait {uri!r} failed: {describe(exc, outer)}") from exc
+        if isinstance(exc, FileNotFoundError):
+            raise RowError(ErrorCode.PORTRAIT_UNREADABLE, f"portrait {uri!r} does not exist") from None
         raise RowError(ErrorCode.PORTRAIT_UNREADABLE, f"portrait {uri!r} cannot be read: {exc}") from None
     if len(data) > limits.max_bytes:
         raise _too_big(uri, len(data), limits)
+    if not data:
+        raise RowError(ErrorCode.PORTRAIT_UNREADABLE, f"portrait {uri!r} is empty (0 bytes)")
     try:
         image = images.decode_image(data, limits)
     except MemoryError as exc:

@@ -511,8 +511,8 @@ def test_manifest_reads_survive_transient_storage_faults(tmp_path: Path, monkeyp
     monkeypatch.setattr("farm.faults.DEFAULT_RETRY", RetryPolicy(3, 0.01, 0.02))
     monkeypatch.setattr("farm.manifest.DEFAULT_RETRY", RetryPolicy(3, 0.01, 0.02))
     path = write_manifest(tmp_path / "m.parquet", rows(50))
-    real_open, real_exists = local.LocalFileSystem._open, local.LocalFileSystem.exists
-    faults = {"open": 1, "exists": 1}
+    real_open, real_info = local.LocalFileSystem._open, local.LocalFileSystem.info
+    faults = {"open": 1, "info": 1}
 
     def flaky(name: str, real: Any) -> Any:
         def call(self: Any, *args: Any, **kwargs: Any) -> Any:
@@ -524,6 +524,51 @@ def test_manifest_reads_survive_transient_storage_faults(tmp_path: Path, monkeyp
         return call
 
     monkeypatch.setattr(local.LocalFileSystem, "_open", flaky("open", real_open))
-    monkeypatch.setattr(local.LocalFileSystem, "exists", flaky("exists", real_exists))
+    monkeypatch.setattr(local.LocalFileSystem, "info", flaky("info", real_info))
+    # fsspec's exists/isdir/isfile answer False on any error: a fault there must not read as "no such manifest"
+    for name in ("exists", "isdir", "isfile"):
+        monkeypatch.setattr(local.LocalFileSystem, name, lambda *a, **k: False)
     ids = [r["id"] for r in Manifest(path).rows()]
-    assert ids == [f"row-{i:03d}" for i in range(50)] and faults == {"open": 0, "exists": 0}
+    assert ids == [f"row-{i:03d}" for i in range(50)] and faults == {"open": 0, "info": 0}
+
+
+def test_a_store_error_while_an_earlier_one_is_handled_is_judged_on_its_own(
+    s3_bucket: str, s3_endpoint: dict[str, Any]
+) -> None:
+    """Found by a hostile-storage run: after a 403 stopped a run, its clean-up listed a prefix that did not exist yet;
+    Python chained the 403 being handled to that listing's "not found", which was then taken for a 403 (retried,
+    then an InfraError) instead of an empty listing."""
+    from botocore.exceptions import ClientError
+
+    from farm import storage
+
+    denied = ClientError({"Error": {"Code": "AccessDenied"}, "ResponseMetadata": {"HTTPStatusCode": 403}}, "PutObject")
+    try:
+        try:
+            raise denied
+        except ClientError as exc:
+            raise PermissionError("Access Denied") from exc
+    except PermissionError:
+        options = s3_endpoint["storage_options"]
+        assert storage.list_files(f"{s3_bucket}/nothing-here", ".parquet", options) == []
+        with pytest.raises(FileNotFoundError):
+            storage.read_bytes(f"{s3_bucket}/nothing-here/x.json", options)
+        assert classify(FileNotFoundError("x"), outer=None) is Fault.MISSING
+
+
+def test_a_write_into_a_bucket_that_is_gone_names_it(s3_endpoint: dict[str, Any]) -> None:
+    """Found by a hostile-storage run: the output bucket deleted mid-run made every write a bare FileNotFoundError
+    (a row error on the replicas, exit 2 from the driver). A PUT cannot miss its key: the bucket is gone."""
+    from farm.storage import write_bytes_atomic
+
+    with pytest.raises(InfraError, match=r"s3://gone-bucket/out/x\.json.*its bucket does not exist.*Create it"):
+        write_bytes_atomic("s3://gone-bucket/out/x.json", b"{}", s3_endpoint["storage_options"])
+
+
+def test_missing_and_empty_portraits_say_so(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    with pytest.raises(RowError, match="is empty \\(0 bytes\\)"):
+        read_portrait(str(empty))
+    with pytest.raises(RowError, match="does not exist"):
+        read_portrait(str(tmp_path / "missing.png"))

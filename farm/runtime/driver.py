@@ -121,6 +121,7 @@ class Driver:
         self.layout = OutputLayout(job.output, job.storage_options)
         self.counts: Counter[str] = Counter()
         self.init_failures = 0
+        self.infra_streak = 0  # rows in a row that failed on infrastructure faults after all their attempts
         self.ever_ready = False
         self.weights: dict[str, str | None] = {}  # replica key -> the model fingerprint it reported when ready
         self.resume = ResumePlan()
@@ -305,9 +306,23 @@ class Driver:
         old = self.resume.rescore.get(task.id)
         if old is not None:
             self._commit(self.maker.rescored(task.row, old, reported))
-            return
-        weights = self.weights.get(key)
-        self._commit(self.maker.finished(task.row, task.request, reported, task.dispatches, weights))
+        else:
+            weights = self.weights.get(key)
+            self._commit(self.maker.finished(task.row, task.request, reported, task.dispatches, weights))
+        self._count_infra_streak(reported)
+
+    def _count_infra_streak(self, final: Record) -> None:
+        """Rows failing one after another on infrastructure faults (storage refusing the credentials, a store down)
+        would fail the whole manifest: stop after ``runtime.infra_abort_after`` of them (exit 3)."""
+        limit = self.job.runtime.infra_abort_after
+        self.infra_streak = self.infra_streak + 1 if final.error_code == ErrorCode.INFRA.value else 0
+        if limit and self.infra_streak >= limit:
+            raise JobAborted(
+                f"{self.infra_streak} rows in a row failed on infrastructure faults after "
+                f"{self.job.runtime.max_attempts} attempts each (runtime.infra_abort_after={limit}); last: "
+                f"{final.error_message}. Fix the storage, network or credentials and rerun the same command: it "
+                "redoes these rows"
+            )
 
     def _on_ready(self, event: Ready) -> None:
         self.scheduler.add_replica(event.key)
