@@ -46,6 +46,12 @@ class ErrorCode(str, Enum):
     INFRA = "infra_error"
 
 
+def status_for(code: ErrorCode) -> Status:
+    """What a row that cannot be made is recorded as: ``skipped`` for a row the manifest withholds (no confirmed
+    rights), ``failed`` for everything else."""
+    return Status.SKIPPED if code is ErrorCode.RIGHTS_NOT_CONFIRMED else Status.FAILED
+
+
 class RowError(Exception):
     """A deterministic, per-row failure: recorded as ``failed`` with ``code``, never retried."""
 

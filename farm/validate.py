@@ -12,7 +12,7 @@ from farm import storage
 from farm.config import JobSpec
 from farm.manifest import Manifest, RowState, plan_rows, resolve_keyed
 from farm.preflight import PreflightReport, estimate_for, preflight
-from farm.records import ErrorCode, RowError
+from farm.records import ErrorCode, RowError, Status, status_for
 from farm.worker import row_defaults
 
 MAX_EXAMPLES = 5
@@ -22,6 +22,7 @@ MAX_EXAMPLES = 5
 class ValidationReport:
     rows: int = 0
     valid: int = 0
+    skipped: Counter[str] = field(default_factory=Counter)  # rows farm run records as skipped (not invalid)
     reasons: Counter[str] = field(default_factory=Counter)
     examples: dict[str, list[str]] = field(default_factory=dict)
     extra_columns: list[str] = field(default_factory=list)
@@ -34,6 +35,9 @@ class ValidationReport:
         return not self.reasons and (self.preflight is None or self.preflight.ok)
 
     def add(self, code: ErrorCode, row_id: Any, message: str) -> None:
+        if status_for(code) is Status.SKIPPED:
+            self.skipped[code.value] += 1
+            return
         self.reasons[code.value] += 1
         bucket = self.examples.setdefault(code.value, [])
         if len(bucket) < MAX_EXAMPLES:
@@ -43,7 +47,9 @@ class ValidationReport:
         lines = []
         if self.configs:
             lines.append(f"sweep: {self.configs} configs x {self.rows // self.configs} rows = {self.rows} videos")
-        lines.append(f"rows: {self.rows}  valid: {self.valid}  invalid: {self.rows - self.valid}")
+        invalid = self.rows - self.valid - sum(self.skipped.values())
+        lines.append(f"rows: {self.rows}  valid: {self.valid}  invalid: {invalid}")
+        lines.extend(f"skipped by farm run (not invalid): {n} {code}" for code, n in self.skipped.items())
         if self.extra_columns:
             lines.append(f"carried-through columns: {', '.join(self.extra_columns)}")
         for code, count in self.reasons.most_common():

@@ -511,3 +511,12 @@ def test_remote_folder_glob_and_literal(s3_bucket: str, s3_endpoint: dict[str, A
         Manifest(f"{s3_bucket}/m/zzz*.parquet", opts)
     with pytest.raises(ManifestError, match="does not exist"):
         Manifest(f"{s3_bucket}/nothing/here.parquet", opts)
+
+
+def test_validate_counts_rows_withheld_by_rights_as_skipped_not_invalid(tmp_path: Path) -> None:
+    """Found by a README walkthrough: ``farm validate`` exited 1 for rows ``farm run`` only skips."""
+    data = rows(2) + [{"id": "norights", "portrait": ASTRONAUT, "prompt": "p", "rights_confirmed": False}]
+    report = validate_job(still_job(write_manifest(tmp_path / "m.parquet", data), str(tmp_path / "out")))
+    assert report.ok and report.valid == 2 and dict(report.skipped) == {"rights_not_confirmed": 1}
+    text = report.render()
+    assert "invalid: 0" in text and "skipped by farm run (not invalid): 1 rights_not_confirmed" in text

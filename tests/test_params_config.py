@@ -128,3 +128,41 @@ def test_relative_output_inside_a_ray_job_working_dir_is_refused(
     assert load_job(spec, {"output": "/shared/out"}).output == "/shared/out"
     monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": {}}))
     assert load_job(spec).output == str(tmp_path / "farm-out" / "x")  # a Ray Job without --working-dir
+
+
+@pytest.mark.parametrize(
+    ("backend", "options", "fragment"),
+    [
+        ("still", {"zom": 0.5}, "model.options.zom: the still backend has no such option (did you mean 'zoom'?)"),
+        ("simulated", {"gpu_time": 1}, "(did you mean 'gpu_time_s'?)"),
+        ("lynx", {"face_detectr": "dlib"}, "model.options.face_detectr: the lynx backend has no such option"),
+        ("lynx", {"step_cach": 0.1}, "(did you mean 'step_cache'?)"),
+    ],
+)
+def test_unknown_backend_options_are_spec_errors_with_a_did_you_mean(
+    backend: str, options: dict, fragment: str
+) -> None:
+    """Found by a README walkthrough: a misspelled lynx option was an internal error (exit 70), and the still
+    backend ignored unknown options silently."""
+    from farm.models import build_backend
+
+    model = {"backend": backend, "options": options}
+    if backend == "lynx":
+        model["weights"] = {"base": "/w/base", "adapter": "/w/adapter"}
+    job = parse_job({"manifest": "/m.parquet", "output": "/out", "model": model})
+    with pytest.raises(SpecError, match=re.escape(fragment)):
+        build_backend(job.model_spec())
+
+
+def test_farm_validate_exits_2_on_an_unknown_option(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import yaml
+
+    from farm.cli import main
+    from tests.helpers import rows, write_manifest
+
+    spec = tmp_path / "job.yaml"
+    model = {"backend": "still", "options": {"zom": 0.5}}
+    manifest = write_manifest(tmp_path / "m.parquet", rows(1))
+    spec.write_text(yaml.safe_dump({"manifest": manifest, "output": str(tmp_path / "out"), "model": model}))
+    assert main(["validate", str(spec)]) == 2
+    assert "did you mean 'zoom'" in capsys.readouterr().err

@@ -166,7 +166,7 @@ def test_job_on_s3_leaks_no_secret(
         manifest,
         out,
         storage_options=options,
-        model={"options": {"storage_options": {"secret": MODEL_SECRET}, "api_key": MODEL_SECRET}},
+        model={"options": {"storage_options": {"secret": MODEL_SECRET, "api_key": MODEL_SECRET}}},
         resources={"replicas": 1, "cpus_per_replica": 0.25},
         runtime={"inject_faults": {"oom": {"row-001": 1}}},  # a retried row: its traceback goes to the log
     )

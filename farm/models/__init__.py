@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 
+from farm.config import SpecError
 from farm.models.base import Backend
 from farm.types import GenerationRequest, ModelSpec, ReplicaResources
 
@@ -25,8 +26,14 @@ def backend_class(name: str) -> type[Backend]:
 
 
 def build_backend(spec: ModelSpec) -> Backend:
-    """Construct (not load) the backend a job's model section names."""
-    return backend_class(spec.backend)(spec)
+    """Construct (not load) the backend a job's model section names; a setting it refuses is a ``SpecError``."""
+    cls = backend_class(spec.backend)
+    try:
+        return cls(spec)
+    except SpecError:
+        raise
+    except ValueError as exc:  # the backend's checks of variant, options and weights name the setting
+        raise SpecError(str(exc)) from None
 
 
 __all__ = [

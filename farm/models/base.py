@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from farm.config import did_you_mean
 from farm.fingerprints import model_config
 from farm.params import SamplingParams
 from farm.types import GenerationRequest, ModelSpec, ReplicaResources
@@ -26,11 +27,17 @@ class Backend(ABC):
     # them on does not make a rerun redo committed rows.
     SPEED_OPTIONS: ClassVar[frozenset[str]] = frozenset()
     TAKES_LORAS: ClassVar[bool] = False  # whether ``model.weights.lora`` means anything to this backend
+    OPTIONS: ClassVar[frozenset[str]] = frozenset()  # every ``model.options`` key the backend reads
 
     def __init__(self, spec: ModelSpec) -> None:
         self.spec = spec
         if spec.loras and not self.TAKES_LORAS:
             raise ValueError(f"backend {self.name!r} takes no LoRAs; drop model.weights.lora (LoRAs are for lynx)")
+        for key in sorted(set(spec.options) - self.OPTIONS):
+            raise ValueError(
+                f"model.options.{key}: the {self.name} backend has no such option{did_you_mean(key, self.OPTIONS)}; "
+                f"its options: {', '.join(sorted(self.OPTIONS)) or 'none'}"
+            )
 
     # --- declared without loading anything ---------------------------------------------------------------
     def resources(self, gpus_per_replica: float = 1.0) -> ReplicaResources:

@@ -21,6 +21,7 @@ from farm.types import GenerationRequest, ReplicaResources
 class SimulatedBackend(Backend):
     name = "simulated"
     SPEED_OPTIONS = frozenset({"gpu_time_s", "prep_time_s", "post_time_s", "load_time_s", "cpus"})
+    OPTIONS = SPEED_OPTIONS
 
     def resources(self, gpus_per_replica: float = 1.0) -> ReplicaResources:
         return ReplicaResources(gpus=gpus_per_replica, cpus=float(self.spec.options.get("cpus", 0.01)))

@@ -42,6 +42,7 @@ class StillSubject:
 
 class StillBackend(Backend):
     name = "still"
+    OPTIONS = frozenset({"recognizer", "pack", "strict", "min_face_size", "extend_ratio", "zoom", "storage_options"})
 
     def resources(self, gpus_per_replica: float = 1.0) -> ReplicaResources:
         return ReplicaResources(gpus=0.0, cpus=1.0)

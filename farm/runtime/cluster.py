@@ -19,15 +19,20 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import socket
 from pathlib import Path
 from typing import Any
 
 import ray
 import yaml
 
+from farm.runtime.errors import JobAborted
+
 log = logging.getLogger("farm")
 
 BOOTSTRAP_CONFIG = "~/ray_bootstrap_config.yaml"
+CONNECT_TIMEOUT_S = 10.0  # to open a TCP connection to a cluster address before handing it to Ray
 
 
 _embedded_gcs: str | None = None  # the GCS address of the local Ray this process started, while it runs
@@ -43,6 +48,8 @@ def connect(address: str | None = None) -> bool:
     if ray.is_initialized():
         return _embedded_gcs is not None and ray.get_runtime_context().gcs_address == _embedded_gcs
     address = address or os.environ.get("RAY_ADDRESS") or None
+    if address is not None:
+        check_reachable(address)
     context = ray.init(
         address=address or "local",
         include_dashboard=False,
@@ -52,6 +59,24 @@ def connect(address: str | None = None) -> bool:
     info = getattr(context, "address_info", None) or {}
     _embedded_gcs = info.get("gcs_address") if address is None else None
     return address is None
+
+
+def check_reachable(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+    """Fail fast, naming the address, when nothing answers at a ``host:port`` (or ``ray://host:port``) cluster
+    address: ``ray.init`` would retry an unreachable GCS for minutes with only its own warnings. ``auto`` and other
+    forms are left to Ray."""
+    found = re.fullmatch(r"(?:ray://)?\[?([^\[\]/]+?)\]?:(\d+)", address.strip())
+    if not found:
+        return
+    host, port = found.group(1), int(found.group(2))
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+    except OSError as exc:
+        raise JobAborted(
+            f"cannot reach the Ray cluster at {address!r} ({exc.strerror or exc}): is its head node running, and the "
+            "port open from here? Check --address / RAY_ADDRESS (the head's GCS address, host:6379 by default; "
+            "ray://host:10001 for Ray Client)"
+        ) from None
 
 
 def resources_now() -> dict[str, float]:
@@ -149,6 +174,7 @@ def is_multi_node() -> bool:
 
 __all__ = [
     "alive_nodes",
+    "check_reachable",
     "connect",
     "gpus_in_launcher_config",
     "largest_node_gpus",

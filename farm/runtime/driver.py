@@ -31,7 +31,7 @@ from farm.models import build_backend
 from farm.preflight import estimate_for, preflight
 from farm.publish import publish
 from farm.recording import RecordMaker, scrubbed
-from farm.records import ErrorCode, InfraError, Outcome, Record, RowError, Status
+from farm.records import ErrorCode, InfraError, Outcome, Record, RowError, status_for
 from farm.resume import ResumePlan
 from farm.runtime import cluster
 from farm.runtime.errors import JobAborted
@@ -203,7 +203,7 @@ class Driver:
                     raise error
                 request = resolve_keyed(key, raw, defaults)
             except RowError as exc:
-                status = Status.SKIPPED if exc.code == ErrorCode.RIGHTS_NOT_CONFIRMED else Status.FAILED
+                status = status_for(exc.code)
                 self._commit(self.maker.invalid(raw, key, exc.code, exc.message, status))
                 continue
             yield Task(row=row, request=request)
@@ -214,7 +214,7 @@ class Driver:
             self.metrics.record(record)
         self.counts[record.status] += 1
         if record.error_code:
-            self.counts[f"failed:{record.error_code}"] += 1
+            self.counts[f"{record.status}:{record.error_code}"] += 1  # failed:no_face, skipped:rights_not_confirmed
         self._tick()
         try:
             self.writer.add(record)  # buffered first: a failed commit keeps it for the next try

@@ -31,11 +31,29 @@ def test_without_an_address_the_farm_starts_its_own_ray(init_calls: list, monkey
 
 
 def test_an_address_or_ray_address_joins_that_cluster(init_calls: list, monkeypatch: pytest.MonkeyPatch) -> None:
+    checked: list[str] = []
+    monkeypatch.setattr(cluster, "check_reachable", checked.append)
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.5:6379")
     assert cluster.connect() is False
     assert init_calls[-1]["address"] == "10.0.0.5:6379"
     assert cluster.connect("head:6379") is False
     assert init_calls[-1]["address"] == "head:6379"
+    assert checked == ["10.0.0.5:6379", "head:6379"]
+
+
+def test_an_address_where_nothing_answers_fails_fast_naming_it(init_calls: list) -> None:
+    """Found by a README walkthrough: `farm run --address 127.0.0.1:1` printed Ray's GCS retry warnings for minutes."""
+    import socket
+
+    from farm.runtime.errors import JobAborted
+
+    with socket.socket() as probe:  # a port with nothing listening: bound, never listened on
+        probe.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{probe.getsockname()[1]}"
+        for given in (address, f"ray://{address}"):
+            with pytest.raises(JobAborted, match=f"cannot reach the Ray cluster at '{given}'.*--address / RAY_ADDRESS"):
+                cluster.connect(given)
+    assert init_calls == [], "ray.init was never called"
 
 
 def test_the_launcher_config_in_this_repo_scales_to_its_gpus() -> None:

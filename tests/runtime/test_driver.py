@@ -96,6 +96,7 @@ def test_bad_rows_become_records_and_good_rows_get_videos(tmp_path: Path) -> Non
         assert rec["generate_s"] >= 0 and rec["total_s"] >= rec["generate_s"]
         assert "AI-generated" in read_metadata(rec["video"])["comment"]
     assert summary.counts["ok"] == 3
+    assert summary.counts["skipped:rights_not_confirmed"] == 1 and "failed:rights_not_confirmed" not in summary.counts
     job = json.loads((tmp_path / "out" / "_job.json").read_text())
     assert job["runs"][-1]["status"] == "finished" and job["model"]["backend"] == "still"
     # rerun: nothing left to do, still exactly one record per id

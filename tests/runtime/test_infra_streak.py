@@ -62,5 +62,5 @@ def test_a_streak_of_infra_failures_stops_the_job_and_a_plain_rerun_redoes_them(
         refusing["on"] = False  # credentials fixed
         summary = run_job(job, progress=False)
     recs = _records(out)
-    assert len(recs) == 20 and {r["status"] for r in recs.values()} == {"ok"}, {(r["error_code"], r["error_message"]) for r in recs.values()}
+    assert len(recs) == 20 and {r["status"] for r in recs.values()} == {"ok"}
     assert summary.counts["ok"] == 20, "the infra_error rows were redone by a plain rerun"

@@ -106,6 +106,7 @@ def load_safety_classifier(target: str, model: str | None):
 class LynxBackend(Backend):
     name = "lynx"
     TAKES_LORAS = True
+    OPTIONS = KNOWN_OPTIONS
     SPEED_OPTIONS = frozenset(
         {
             "batch_guidance",
@@ -123,9 +124,6 @@ class LynxBackend(Backend):
         self.variant = spec.variant or "full"
         if self.variant not in ("full", "lite"):
             raise ValueError(f"lynx variant {self.variant!r} is unknown; choose 'full' or 'lite'")
-        unknown = sorted(set(spec.options) - KNOWN_OPTIONS)
-        if unknown:
-            raise ValueError(f"unknown lynx option(s) {unknown}; known: {sorted(KNOWN_OPTIONS)}")
         for role in ("base", "adapter"):
             if role not in spec.weights:
                 raise ValueError(f"lynx needs model.weights.{role} (see the README's Lynx section)")
