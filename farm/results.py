@@ -43,6 +43,11 @@ def carried_name(column: str) -> str:
     return f"{CARRY_PREFIX}{column}" if column in RESERVED else column
 
 
+def carried_schema(result_schema: pa.Schema, columns: list[str]) -> pa.Schema:
+    """The fields of the carried-through manifest ``columns`` in a result schema (names as the log stores them)."""
+    return pa.schema([result_schema.field(carried_name(c)) for c in columns])
+
+
 def result_schema(carried: pa.Schema | None = None) -> pa.Schema:
     """Core + identity fields, then the carried-through manifest columns with their own types."""
     fields = list(RESULT_FIELDS)

@@ -8,11 +8,17 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from farm import storage
+import pyarrow as pa
+
+from farm import results, resume, storage, table
 from farm.config import JobSpec
+from farm.fingerprints import metrics_config
 from farm.manifest import Manifest, RowState, plan_rows, resolve_keyed
+from farm.models import build_backend
 from farm.preflight import PreflightReport, estimate_for, preflight
 from farm.records import ErrorCode, RowError, Status, status_for
+from farm.storage import OutputLayout
+from farm.sweep import model_groups
 from farm.worker import row_defaults
 
 MAX_EXAMPLES = 5
@@ -28,11 +34,12 @@ class ValidationReport:
     extra_columns: list[str] = field(default_factory=list)
     configs: int = 0  # a sweep's grid size (rows count each row once per config)
     preflight: PreflightReport | None = None
+    refusals: list[str] = field(default_factory=list)  # what farm run would refuse against the committed rows
 
     @property
     def ok(self) -> bool:
-        """No invalid row and no blocking pre-flight finding (missing weights, unwritable output)."""
-        return not self.reasons and (self.preflight is None or self.preflight.ok)
+        """No invalid row, nothing ``farm run`` would refuse, no blocking pre-flight finding."""
+        return not self.reasons and not self.refusals and (self.preflight is None or self.preflight.ok)
 
     def add(self, code: ErrorCode, row_id: Any, message: str) -> None:
         if status_for(code) is Status.SKIPPED:
@@ -55,6 +62,7 @@ class ValidationReport:
         for code, count in self.reasons.most_common():
             lines.append(f"  {code:<22} {count}")
             lines.extend(f"      e.g. {ex}" for ex in self.examples.get(code, []))
+        lines.extend(f"farm run would refuse: {refusal}" for refusal in self.refusals)
         if self.preflight is not None:
             lines.append(self.preflight.render())
         return "\n".join(lines)
@@ -106,9 +114,32 @@ def validate_job(
         estimate.add(request.params)
     if portraits:
         _check_portraits(job, portraits, report, workers)
+    report.refusals = resume_refusals(job, manifest)
     if run_preflight:
         report.preflight = preflight(job, deep=deep, estimate=estimate)
     return report
+
+
+def resume_refusals(job: JobSpec, manifest: Manifest) -> list[str]:
+    """What ``farm run`` would refuse against the output's committed rows, in its words: rows made differently from
+    what the spec and manifest now ask (per model group of a sweep), a carried column whose type changed. [] for a
+    fresh output. Read-only: no lease is taken."""
+    layout = OutputLayout(job.output, job.storage_options)
+    found = []
+    schema = results.result_schema(pa.schema([manifest.schema.field(c) for c in manifest.extra_columns]))
+    try:
+        table.check_carried_types(layout, results.carried_schema(schema, manifest.extra_columns))
+    except table.SchemaDrift as exc:
+        found.append(str(exc))
+    for group in model_groups(job.configs()) or [[]]:
+        sub = job.with_model_values(group[0].model_values()) if group else job
+        model_config = build_backend(sub.model_spec()).output_config()
+        context = resume.Context(layout, manifest, row_defaults(sub), model_config, metrics_config(sub), group)
+        try:
+            resume.plan_resume(context, verify_portraits=sub.runtime.verify_portraits)
+        except resume.ChangedRows as exc:
+            found.append(str(exc))
+    return found
 
 
 def _check_portraits(job: JobSpec, portraits: dict[str, list[Any]], report: ValidationReport, workers: int) -> None:

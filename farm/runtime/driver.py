@@ -528,9 +528,7 @@ class Driver:
         checked against the log, and what to do with committed rows (``farm.resume``); returns the ids to skip."""
         job = self.job
         self.run_seq = table.next_run_seq(self.layout, self._recorded_run_seq())
-        table.check_carried_types(
-            self.layout, pa.schema([schema.field(results.carried_name(c)) for c in self.extra_columns])
-        )
+        table.check_carried_types(self.layout, results.carried_schema(schema, self.extra_columns))
         context = resume.Context(
             self.layout, manifest, defaults, self.maker.model_config, self.maker.metrics_config, self.configs
         )

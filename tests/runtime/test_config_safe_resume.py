@@ -26,6 +26,7 @@ from farm.resume import ChangedRows
 from farm.runtime.driver import run_job
 from farm.storage import OutputLayout, resolve_pkg_uri
 from farm.table import SchemaDrift
+from farm.validate import validate_job
 from tests.helpers import ASTRONAUT, still_job, write_manifest
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
@@ -84,6 +85,9 @@ def test_spec_and_manifest_edits_between_runs(tmp_path: Path) -> None:
 
     # num_frames 5 -> 9: refused before anything runs, saying what changed and for how many rows
     logged = _log_rows(out)
+    assert not validate_job(_job(manifest, out), run_preflight=False).refusals
+    checked = validate_job(_job(manifest, out, frames=9), run_preflight=False)  # farm validate says it first
+    assert not checked.ok and "num_frames: 3 committed rows were made with 5" in checked.render()
     with pytest.raises(ChangedRows) as refused:
         run_job(_job(manifest, out, frames=9), progress=False)
     message = str(refused.value)
@@ -170,8 +174,12 @@ def test_a_carried_column_whose_type_changed_is_refused_at_run_start(tmp_path: P
     )
     run_job(_job(write_manifest(tmp_path / "m1.parquet", first, schema), out), progress=False)
     texts = [{**first[0], "id": "b", "campaign": "spring"}]
+    changed = _job(write_manifest(tmp_path / "m2.parquet", texts), out)
+    assert "'campaign' is string in this manifest but int64" in "".join(
+        validate_job(changed, run_preflight=False).refusals
+    )
     with pytest.raises(SchemaDrift, match="'campaign' is string in this manifest but int64"):
-        run_job(_job(write_manifest(tmp_path / "m2.parquet", texts), out), progress=False)
+        run_job(changed, progress=False)
     wider = schema.set(4, pa.field("batch", pa.int64()))
     run_job(_job(write_manifest(tmp_path / "m3.parquet", [{**first[0], "id": "c"}], wider), out), progress=False)
     assert open_results(out).schema.field("batch").type == pa.int64()
