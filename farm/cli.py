@@ -217,8 +217,10 @@ def _too_many_failed(counts: dict[str, int], limit: float, path: str) -> bool:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from farm.report import compare_outputs
+    from farm.report import compare_format, compare_outputs
 
+    if args.to:
+        _format_of(compare_format, args.to)
     _emit(compare_outputs(args.outputs, _outputs(args, *args.outputs), args.to, args.limit))
     return EXIT_OK
 
@@ -245,14 +247,23 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_results(args: argparse.Namespace) -> int:
-    from farm.report import export_results
+    from farm.report import export_results, results_format
 
-    if args.format == "parquet" and not args.to:
+    fmt = _format_of(results_format, args.format, args.to)
+    if fmt == "parquet" and not args.to:
         raise UsageError("results --format parquet writes a file: add --to FILE (e.g. --to results.parquet)")
-    text = export_results(args.output, _outputs(args, args.output), args.format, args.to, args.limit)
+    text = export_results(args.output, _outputs(args, args.output), fmt, args.to, args.limit)
     if text:
         _emit(text)
     return EXIT_OK
+
+
+def _format_of(pick: Any, *given: str | None) -> str:
+    """``pick(*given)``, the format ``--format``/``--to`` ask for; its ``ValueError`` is a usage error."""
+    try:
+        return pick(*given)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def cmd_summary(args: argparse.Namespace) -> int:
@@ -313,8 +324,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    from farm.scoring import ScoreAborted, score_manifest
+    from farm.scoring import INSIGHTFACE_NEEDS_PACK, ScoreAborted, score_manifest
 
+    if args.recognizer == "insightface" and not args.pack:
+        raise UsageError(INSIGHTFACE_NEEDS_PACK)
     _check_protocols([("manifest", args.manifest), ("--output", args.output), ("--pack", args.pack)])
     try:
         summary = score_manifest(
@@ -417,8 +430,12 @@ def build_parser() -> argparse.ArgumentParser:
                 "--json", action="store_true", help="the same as JSON (a live run's progress, stale heartbeat)"
             )
         if name == "results":
-            p.add_argument("--format", choices=["table", "csv", "jsonl", "parquet"], default="table")
-            p.add_argument("--to", help="write to this file/URI instead of printing")
+            p.add_argument(
+                "--format",
+                choices=["table", "csv", "jsonl", "parquet"],
+                help="default: the one --to's extension names (.txt .csv .jsonl .parquet), else table",
+            )
+            p.add_argument("--to", help="write to this file/URI instead of printing (any format, the table too)")
             p.add_argument("--limit", type=int, default=None, help="table: at most this many rows")
         p.set_defaults(func=func)
 
@@ -465,7 +482,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("outputs", nargs="+", help="job or score outputs (e.g. a Lynx job and its still baseline)")
     _storage_option_arg(p)
-    p.add_argument("--to", help="also write the per-id table (csv or parquet, by extension)")
+    p.add_argument("--to", help="also write the per-id table: .csv or .parquet (the extension picks)")
     p.add_argument("--limit", type=int, default=20, help="per-id rows to print")
     p.set_defaults(func=cmd_compare)
 
@@ -525,7 +542,7 @@ def _run(args: argparse.Namespace) -> int:
             raise
         return _fail(args.debug, EXIT_USAGE, f"error: {exc.code}")
     except Exception as exc:  # noqa: BLE001 - every error ends in one message and a documented exit code
-        code, message = _explain(exc)
+        code, message = _explain(exc, hasattr(args, "storage_option"))
         return _fail(args.debug, code, message)
 
 
@@ -550,12 +567,12 @@ def _stdout_closed() -> int:
     return EXIT_STDOUT_CLOSED
 
 
-def _explain(exc: Exception) -> tuple[int, str]:
-    """The exit code and the message for ``exc``: the most specific reason found in its chain of causes."""
-    for explain in (_missing_credentials, _missing_library, _known):
-        found = explain(exc)
-        if found:
-            return found
+def _explain(exc: Exception, has_storage_flag: bool = True) -> tuple[int, str]:
+    """The exit code and the message for ``exc``: the most specific reason found in its chain of causes.
+    ``has_storage_flag``: the command takes ``--storage-option`` (the credentials hint names it, else the spec)."""
+    found = _missing_credentials(exc, has_storage_flag) or _missing_library(exc) or _known(exc)
+    if found:
+        return found
     reason = f"{type(exc).__name__}: {exc}"
     return EXIT_INTERNAL, f"error: {reason} (an internal error: rerun with --debug for the traceback and report it)"
 
@@ -579,23 +596,40 @@ def _uri_in(exc: BaseException) -> str | None:
 
 
 CREDENTIAL_HINTS = {
-    "NoCredentialsError": "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), give storage_options "
-    "{s3: {key: ..., secret: ...}} in the job spec or --storage-option key=... --storage-option secret=..., or use "
-    "anon: true for a public bucket",
+    "NoCredentialsError": "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), {s3_keys}, or {s3_anon} "
+    "for a public bucket",
     "PartialCredentialsError": "give both the key and the secret (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or "
-    "storage_options key and secret)",
+    "{s3_both})",
     "DefaultCredentialsError": "set GOOGLE_APPLICATION_CREDENTIALS to a service-account key file, run "
-    "`gcloud auth application-default login`, or give storage_options {gs: {token: ...}}",
+    "`gcloud auth application-default login`, or {gs_token}",
+}
+# Where a command takes its storage options from: the job spec (run, validate), else --storage-option flags.
+OPTION_WORDING = {
+    "spec": {
+        "s3_keys": "give storage_options {s3: {key: ..., secret: ...}} in the job spec",
+        "s3_anon": "set storage_options {s3: {anon: true}} in the job spec",
+        "s3_both": "storage_options key and secret in the job spec",
+        "gs_token": "give storage_options {gs: {token: ...}} in the job spec",
+    },
+    "flag": {
+        "s3_keys": "give --storage-option key=... --storage-option secret=...",
+        "s3_anon": "use --storage-option anon=true",
+        "s3_both": "--storage-option key=... and --storage-option secret=...",
+        "gs_token": "give --storage-option token=...",
+    },
 }
 
 
-def _missing_credentials(exc: Exception) -> tuple[int, str] | None:
-    """No credentials at all is configuration (exit 2): retrying later cannot help, unlike a store that is down."""
+def _missing_credentials(exc: Exception, has_flag: bool) -> tuple[int, str] | None:
+    """No credentials at all is configuration (exit 2): retrying later cannot help, unlike a store that is down.
+    ``has_flag``: the command takes ``--storage-option`` (else its storage options come from the job spec)."""
+    wording = OPTION_WORDING["flag" if has_flag else "spec"]
     for inner in _chain(exc):
         hint = next((CREDENTIAL_HINTS[c.__name__] for c in type(inner).__mro__ if c.__name__ in CREDENTIAL_HINTS), None)
         if hint:
             where = _uri_in(exc) or "the object store"
-            return EXIT_USAGE, f"error: no credentials for {where} ({type(inner).__name__}: {inner}): {hint}"
+            fix = hint.format(**wording)
+            return EXIT_USAGE, f"error: no credentials for {where} ({type(inner).__name__}: {inner}): {fix}"
     return None
 
 

@@ -71,10 +71,26 @@ def status_dict(output: str, storage_options: dict[str, Any] | None = None, now:
             name: pc.mean(ok.column(name)).as_py() if ok.num_rows else None for name in ("generate_s", "total_s")
         },
         "runs": [_run_state(run, now, holder) for run in meta.get("runs", [])],
-        "lease": {"holder": holder, "text": describe_holder(holder, now)} if holder else None,
+        "lease": _lease_state(holder, now) if holder else None,
         "damaged_parts": [{"uri": d.uri, "reason": d.reason} for d in damaged],
     }
     return json.loads(secrets.scrub(json.dumps(secrets.redact_spec(out), default=str)))
+
+
+def _lease_state(holder: dict[str, Any], now: float) -> dict[str, Any]:
+    """The lease read, whether it still counts (``live``: its run holds the output) and a line for ``farm status``:
+    a lease whose holder's process is gone (on this host) or that expired is taken over by the next run."""
+    live = holds_lease(holder, holder.get("run_id"), now)
+    if live:
+        return {"holder": holder, "live": True, "text": describe_holder(holder, now)}
+    who = f"run {holder.get('run_id', '?')!s} on host {holder.get('host', '?')!s} (pid {holder.get('pid', '?')!s})"
+    expires = holder.get("expires_at")
+    if isinstance(expires, (int, float)) and expires < now:
+        why = f"expired {now - expires:.0f} s ago"
+    else:
+        why = "its process is gone (no need to wait for it to expire)"
+    text = f"{who}: not held, {why}; the next run takes the output over"
+    return {"holder": holder, "live": False, "text": text}
 
 
 def _run_state(run: dict[str, Any], now: float, holder: dict[str, Any] | None) -> dict[str, Any]:
@@ -97,12 +113,15 @@ def _run_state(run: dict[str, Any], now: float, holder: dict[str, Any] | None) -
 
 
 def status_text(output: str, storage_options: dict[str, Any] | None = None) -> str:
-    """``farm status OUT``: ``status_dict`` in lines."""
+    """``farm status OUT``: ``status_dict`` in lines; ``-`` for what is not known (yet)."""
     state = status_dict(output, storage_options)
     lines = [f"output: {output}"]
     if state["job"]:
         model = state["model"]
-        lines.append(f"job: {state['job']}  model: {model.get('description')}  fingerprint: {model.get('fingerprint')}")
+        lines.append(
+            f"job: {state['job']}  model: {_shown(model.get('description'))}  "
+            f"fingerprint: {_shown(model.get('fingerprint'))}"
+        )
     lines.append(f"records: {state['records']}")
     lines.extend(f"  {status:<10} {count}" for status, count in state["by_status"].items())
     lines.extend(f"    {code:<22} {count}" for code, count in state["by_error_code"].items())
@@ -117,26 +136,48 @@ def status_text(output: str, storage_options: dict[str, Any] | None = None) -> s
     return "\n".join(lines)
 
 
+def _shown(value: Any, unit: str = "") -> str:
+    """A value for a status line: ``-`` when unknown."""
+    return "-" if value is None or value == "" else f"{value}{unit}"
+
+
+def _replicas_text(replicas: Any) -> str:
+    """``{'ready': 0, 'wanted': 1, 'pending': 1}`` -> ``0/1 ready (+1 loading or waiting)``."""
+    if not isinstance(replicas, dict):
+        return _shown(replicas)
+    text = f"{_shown(replicas.get('ready'))}/{_shown(replicas.get('wanted'))} ready"
+    pending = replicas.get("pending")
+    return f"{text} (+{pending} loading or waiting)" if pending else text
+
+
 def _run_line(run: dict[str, Any]) -> str:
     head = f"run {run.get('run_id')} (#{run.get('run_seq')}): {run.get('status')}"
     live = run.get("progress") or {}
     if run.get("status") == "running":
         if run.get("stale"):
             return f"{head} but its driver is gone ({run['stale_reason']}): rerun the same command to resume"
-        eta = live.get("eta_s")
-        return (
-            f"{head}  rows: {live.get('rows_done')}/{live.get('rows_total')}  rate: {live.get('rows_per_s')} rows/s  "
-            f"ETA: {'-' if eta is None else f'{eta:.0f}s'}  replicas: {live.get('replicas')}  "
-            f"last commit: {run.get('last_commit_at')}  heartbeat: {run.get('heartbeat_age_s')}s ago"
-        )
+        return f"{head}  {_live_text(run, live)}"
     if run.get("ended_by"):
-        return f"{head}: {run['ended_by']} (rows done by then: {live.get('rows_done', '-')})"
+        done = live.get("rows_done")
+        by_then = f" (rows done by then: {done})" if isinstance(done, int) and done > 0 else ""
+        return f"{head}: {run['ended_by']}{by_then}"
     elapsed = run.get("elapsed_s")
     done = sum(v for k, v in run.get("counts", {}).items() if ":" not in k)
     rate = f"{done / elapsed * 3600:.0f} rows/h" if elapsed else "-"
     return (
-        f"{head}  rows: {done}  elapsed: {elapsed}s  {rate}  replicas: {run.get('replicas')}  "
-        f"restarts: {run.get('replica_restarts')}"
+        f"{head}  rows: {done}  elapsed: {_shown(elapsed, 's')}  {rate}  replicas: {_shown(run.get('replicas'))}  "
+        f"restarts: {_shown(run.get('replica_restarts'))}"
+    )
+
+
+def _live_text(run: dict[str, Any], live: dict[str, Any]) -> str:
+    """A running run's progress: rows, rate, ETA, replicas, last commit, heartbeat age."""
+    rate, eta, beat = live.get("rows_per_s"), live.get("eta_s"), run.get("heartbeat_age_s")
+    return (
+        f"rows: {_shown(live.get('rows_done'))}/{_shown(live.get('rows_total'))}  "
+        f"rate: {'-' if rate is None else f'{rate:.2f}'} rows/s  ETA: {'-' if eta is None else f'{eta:.0f}s'}  "
+        f"replicas: {_replicas_text(live.get('replicas'))}  last commit: {_shown(run.get('last_commit_at'))}  "
+        f"heartbeat: {'-' if beat is None else f'{beat:.0f}s ago'}"
     )
 
 
@@ -162,34 +203,101 @@ def _flat_for_csv(table: pa.Table) -> pa.Table:
     return table
 
 
+RESULT_FORMATS = ("table", "csv", "jsonl", "parquet")
+COMPARE_FORMATS = ("csv", "parquet")
+FORMAT_OF_EXTENSION = {
+    ".txt": "table",
+    ".csv": "csv",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+    ".json": "json",
+    ".tsv": "tsv",
+}
+EXTENSION_OF_FORMAT = {"table": ".txt", "csv": ".csv", "jsonl": ".jsonl", "parquet": ".parquet"}
+
+
+def _split_extension(to: str) -> tuple[str, str]:
+    """``to`` as (everything before the extension, the lowercased extension); a URI's query is not part of it."""
+    path = to.split("?", 1)[0]
+    stem, ext = posixpath.splitext(path)
+    return stem, ext.lower()
+
+
+def results_format(fmt: str | None, to: str | None) -> str:
+    """The format ``farm results`` writes: ``fmt`` as given, else the one ``to``'s extension names, else ``table``.
+
+    ``ValueError`` when the extension contradicts ``fmt`` (``--format csv --to r.parquet``) or names a format that
+    is not written (``--to r.json``): a file whose contents do not match its name is worse than an error."""
+    stem, ext = _split_extension(to) if to else ("", "")
+    implied = FORMAT_OF_EXTENSION.get(ext)
+    if implied is not None and implied not in RESULT_FORMATS:
+        asked = f" with --format {fmt}" if fmt else ""
+        fix = f"--to {stem}{EXTENSION_OF_FORMAT[fmt]}" if fmt else f"e.g. --to {stem}.jsonl (JSON Lines) or {stem}.csv"
+        raise ValueError(
+            f"--to {to}{asked}: its extension names {implied}, which farm results does not write; it writes "
+            f"{', '.join(RESULT_FORMATS)} (--format): give {fix}"
+        )
+    if fmt is not None and implied is not None and implied != fmt:
+        raise ValueError(
+            f"--format {fmt} contradicts --to {to}, whose extension names {implied}: give --to {stem}"
+            f"{EXTENSION_OF_FORMAT[fmt]}, or leave --format out and the extension picks the format"
+        )
+    return fmt or implied or "table"
+
+
+def compare_format(to: str) -> str:
+    """The format ``farm compare --to`` writes its per-id table in, from the extension: csv or parquet; any other
+    extension is a ``ValueError`` naming both (compare has no --format, so the extension must say which)."""
+    stem, ext = _split_extension(to)
+    implied = FORMAT_OF_EXTENSION.get(ext)
+    if implied not in COMPARE_FORMATS:
+        named = f"names {implied}" if implied else f"({ext or 'none'}) names no format"
+        raise ValueError(
+            f"--to {to}: its extension {named}; farm compare writes its per-id table as "
+            f"{' or '.join(COMPARE_FORMATS)}, picked by the extension: give --to {stem}.csv or --to {stem}.parquet"
+        )
+    return implied
+
+
 def export_results(
     output: str, storage_options: dict[str, Any] | None, fmt: str, to: str | None, limit: int | None
 ) -> str:
-    """Merged results as a table (text), or CSV/JSONL/Parquet written to ``to`` (or returned as text)."""
-    layout = OutputLayout(output, storage_options)
-    table = read_results(layout)
+    """Merged results in ``fmt`` (``RESULT_FORMATS``; ``limit`` caps the table) written to ``to`` when given (then a
+    line saying so is returned), else returned as text. Parquet needs ``to``."""
+    if fmt == "parquet" and not to:
+        raise ValueError("--format parquet writes a file: add --to FILE (e.g. --to results.parquet)")
+    table = read_results(OutputLayout(output, storage_options))
+    count, data = _encode_results(table, fmt, limit)
+    if not to:
+        return data.decode()
+    storage.write_bytes_atomic(to, data + b"\n" if fmt == "table" else data, storage_options)
+    return f"wrote {count} records to {to}"
+
+
+def _encode_results(table: pa.Table, fmt: str, limit: int | None) -> tuple[int, bytes]:
+    """(records written, their bytes) of ``table`` in ``fmt``."""
     if fmt == "table":
         wanted = ("id", "status", "error_code", "identity_mean", "identity_distance_mean", "face_rate", "video")
         shown = table.select([c for c in wanted if c in table.column_names])
         if limit is not None:
             shown = shown.slice(0, limit)
-        return shown.to_pandas().to_string(index=False, na_rep="-") if shown.num_rows else "(no records)"
+        text = shown.to_pandas().to_string(index=False, na_rep="-") if shown.num_rows else "(no records)"
+        return shown.num_rows, text.encode()
     buf = io.BytesIO()
     if fmt == "parquet":
-        if not to:
-            raise SystemExit("--format parquet needs --to FILE")
         pq.write_table(table, buf)
     elif fmt == "csv":
         pacsv.write_csv(_flat_for_csv(table), buf)
-    else:
+    elif fmt == "jsonl":
         names = table.column_names
         columns = [column_values(table.column(n).combine_chunks()) for n in names]
         for values in zip(*columns):
             buf.write((json.dumps(dict(zip(names, values)), default=_json_default, ensure_ascii=False) + "\n").encode())
-    if to:
-        storage.write_bytes_atomic(to, buf.getvalue(), storage_options)
-        return f"wrote {table.num_rows} records to {to}"
-    return buf.getvalue().decode()
+    else:
+        raise ValueError(f"format {fmt!r} is not one of {RESULT_FORMATS}; give --format {' or '.join(RESULT_FORMATS)}")
+    return table.num_rows, buf.getvalue()
 
 
 def _label(outputs: list[str]) -> list[str]:
@@ -208,6 +316,8 @@ def compare_outputs(
     metric reaches after compression, so ``lynx / still`` reads as the share of the reachable identity kept), or the
     configs of one sweep.
     """
+    if to:
+        compare_format(to)  # a bad extension fails before any reading
     sides = _sides(outputs, storage_options)
     labels = list(sides)
     lines = [f"{'side':<24} {'records':>8} {'ok':>6} {'identity_mean':>14} {'face_rate':>10}"]
@@ -228,7 +338,7 @@ def compare_outputs(
         lines.append(f"mean {first}/{last} over rows scored in both: {_fmt(pc.mean(ratio).as_py())}")
     if to:
         buf = io.BytesIO()
-        (pq.write_table if to.endswith(".parquet") else pacsv.write_csv)(joined, buf)
+        (pq.write_table if compare_format(to) == "parquet" else pacsv.write_csv)(joined, buf)
         storage.write_bytes_atomic(to, buf.getvalue(), storage_options)
         lines.append(f"wrote {joined.num_rows} rows to {to}")
     shown = joined.slice(0, limit).to_pandas().to_string(index=False, na_rep="-") if joined.num_rows else ""

@@ -267,6 +267,12 @@ class _Pool:
         self.executor.shutdown(wait=not self.inflight, cancel_futures=True)
 
 
+INSIGHTFACE_NEEDS_PACK = (
+    "--recognizer insightface needs --pack (an insightface model pack dir or URI, e.g. --pack ./models/antelopev2); "
+    "or use --recognizer dlib, which needs no pack"
+)
+
+
 def _done_ids(layout: OutputLayout, retry_failed: bool) -> set[str]:
     if not retry_failed:
         return table.committed_ids(layout)
@@ -296,7 +302,7 @@ def score_manifest(
     workers run per chunk (``_score_chunk``); tests pass one that kills its own worker to prove the pool survives.
     """
     if recognizer == "insightface" and not pack:
-        raise ValueError("--recognizer insightface needs --pack (an insightface model pack dir or URI)")
+        raise ValueError(INSIGHTFACE_NEEDS_PACK)
     options = storage.bind_storage_options(storage_options, output, manifest_uri)
     secrets.remember({"storage_options": options})  # error messages in records never carry them
     manifest = Manifest(manifest_uri, options, required=SCORE_COLUMNS, known=frozenset(SCORE_COLUMNS))

@@ -54,7 +54,8 @@ def _is_metric_type(dtype: pa.DataType) -> bool:
 def metric_columns(table: pa.Table, metrics: Sequence[str] | None = None) -> list[str]:
     """The metrics to summarise: ``metrics`` as given (each must be a numeric or boolean column), else every column
     of ``KNOWN_METRICS`` the table has with such a type and at least one value (a metric never measured in this
-    output, e.g. ``identity_std`` with identity scoring off, would only add a column of nulls)."""
+    output, e.g. ``identity_std`` with identity scoring off, would only add a column of nulls). A metric named twice
+    counts once (the first place kept)."""
     if metrics is None:
         names = table.column_names
         found = [m for m in KNOWN_METRICS if m in names and _is_metric_type(table.schema.field(m).type)]
@@ -65,7 +66,7 @@ def metric_columns(table: pa.Table, metrics: Sequence[str] | None = None) -> lis
         if not _is_metric_type(table.schema.field(name).type):
             kind = table.schema.field(name).type
             raise ValueError(f"metric {name!r} is {kind}, not a number; give a numeric column in --metrics")
-    return list(metrics)
+    return list(dict.fromkeys(metrics))
 
 
 def bootstrap_interval(values: np.ndarray, seed: int = 0, resamples: int = 1000) -> tuple[float, float]:
@@ -200,14 +201,16 @@ def interval_text(row: dict[str, Any], metric: str) -> str:
 
 
 def display_rows(summary: pa.Table) -> tuple[list[str], list[list[str]]]:
-    """Header and text cells of the human-readable table (one cell per metric: mean [lo, hi] n)."""
+    """Header and text cells of the human-readable table (one cell per metric: mean [lo, hi] n). ``face_rate``
+    asked for as a metric is shown once, as the metric (the same mean, with its interval)."""
     by, metrics = described(summary)
-    header = [*by, "rows", "ok", "failed", "skipped", "face_rate", "s/video", *metrics]
+    rate = [] if "face_rate" in metrics else ["face_rate"]
+    header = [*by, "rows", "ok", "failed", "skipped", *rate, "s/video", *metrics]
     body = []
     for row in summary.to_pylist():
         cells = ["-" if row[name] is None else str(row[name]) for name in by]
         cells += [str(row[name]) for name in ("rows", "ok", "failed", "skipped")]
-        cells += [_num(row["face_rate"], 3), _num(row["seconds_per_video"], 2)]
+        cells += [_num(row["face_rate"], 3) for _ in rate] + [_num(row["seconds_per_video"], 2)]
         cells += [interval_text(row, metric) for metric in metrics]
         body.append(cells)
     return header, body

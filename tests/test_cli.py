@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -209,3 +210,111 @@ def test_compare_joins_outputs_by_id(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert summary["lynx"] == ["3", "2", "0.6000", "0.5000"] and summary["still"] == ["2", "2", "0.8500", "1.0000"]
     rows = target.read_text().splitlines()
     assert rows[0] == '"row","lynx","still","lynx/still"' and len(rows) == 4
+
+
+def _running_output(tmp_path: Path, runs: list[dict]) -> str:
+    """An output with one committed record and a ``_job.json`` holding ``runs`` (no fingerprint yet)."""
+    import datetime as dt
+
+    from farm.records import Record
+    from farm.results import result_schema, write_part
+
+    layout = OutputLayout(str(tmp_path / "out"))
+    now = dt.datetime.now(dt.timezone.utc)
+    write_part(layout, 1, "r", 0, [Record.from_row({"id": "a", "status": "ok", "committed_at": now})], result_schema())
+    for run in runs:
+        run.setdefault("heartbeat_at", now.isoformat())
+    model = {"backend": "still", "description": "still baseline", "fingerprint": None}
+    layout.write_json(layout.job_json, {"name": "demo", "model": model, "runs": runs})
+    return layout.root
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+RUNNING = {
+    "run_id": "run-1",
+    "run_seq": 1,
+    "status": "running",
+    "heartbeat_every_s": 30,
+    "last_commit_at": None,
+    "progress": {"rows_done": 0, "rows_total": 40, "rows_per_s": None, "eta_s": None},
+}
+
+
+def test_status_of_a_starting_run_prints_plain_words(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Nothing known yet (no fingerprint, rate, commit): ``-``; replicas in words, never a Python dict or None."""
+    from farm.lease import OutputLease
+
+    progress = {**RUNNING["progress"], "replicas": {"pending": 1, "ready": 0, "wanted": 1}}
+    out = _running_output(tmp_path, [{**RUNNING, "progress": progress}])
+    lease = OutputLease(out, run_id="run-1", ttl_s=300).acquire()
+    try:
+        assert main(["status", out]) == 0
+    finally:
+        lease.release()
+    text = capsys.readouterr().out
+    assert "None" not in text and "{" not in text, text
+    assert "fingerprint: -" in text and "rate: - rows/s" in text and "last commit: -" in text, text
+    assert "rows: 0/40" in text and "replicas: 0/1 ready (+1 loading or waiting)" in text, text
+    assert "lease: run run-1 on host" in text and "(in " in text, text
+
+
+@pytest.mark.parametrize("how", ["killed", "expired"])
+def test_status_says_a_dead_runs_lease_is_not_held(tmp_path: Path, how: str) -> None:
+    """A SIGKILLed driver (its pid is gone on this host) or an expired lease: the lease line must not read as live."""
+    import time
+
+    from farm.lease import OutputLease
+    from farm.report import status_dict, status_text
+
+    out = _running_output(tmp_path, [dict(RUNNING)])
+    if how == "killed":
+        lease = OutputLease(out, run_id="run-1", ttl_s=300)
+        lease.pid = _dead_pid()
+    else:
+        lease = OutputLease(out, run_id="run-1", ttl_s=60, clock=lambda: time.time() - 600)
+    lease.acquire()
+    text = status_text(out)
+    assert "run run-1 (#1): running but its driver is gone" in text and "no longer holds the output lease" in text
+    lease_line = next(line for line in text.splitlines() if line.startswith("lease:"))
+    assert lease_line.startswith("lease: run run-1 on host") and "(in " not in lease_line, lease_line
+    assert "not held" in lease_line and "the next run takes the output over" in lease_line, lease_line
+    assert re.search("its process is gone" if how == "killed" else r"expired 54[01] s ago", lease_line), lease_line
+    assert status_dict(out)["lease"]["live"] is False
+
+
+@pytest.mark.parametrize(("rows_done", "shown"), [(0, None), (None, None), (7, "(rows done by then: 7)")])
+def test_interrupted_run_shows_rows_done_only_when_known(tmp_path: Path, rows_done: int | None, shown: str) -> None:
+    from farm.report import status_text
+
+    ended = "interrupted: its driver stopped without a final update; run #2 took over the output"
+    run = {**RUNNING, "status": "interrupted", "ended_by": ended, "progress": {"rows_done": rows_done}}
+    line = next(li for li in status_text(_running_output(tmp_path, [run])).splitlines() if li.startswith("run "))
+    assert line == f"run run-1 (#1): interrupted: {ended}" + (f" {shown}" if shown else ""), line
+
+
+def test_results_to_a_file_writes_every_format(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--to`` writes whatever the format (the text table too); without --format the extension picks it."""
+    import pyarrow.csv as pacsv
+
+    out = _running_output(tmp_path, [])
+    assert main(["results", out, "--to", str(tmp_path / "r.txt")]) == 0
+    assert capsys.readouterr().out.strip() == f"wrote 1 records to {tmp_path / 'r.txt'}"
+    assert (tmp_path / "r.txt").read_text().splitlines()[0].split()[:2] == ["id", "status"]
+    assert main(["results", out, "--to", str(tmp_path / "r.csv")]) == 0
+    assert pacsv.read_csv(tmp_path / "r.csv").column("id").to_pylist() == ["a"]
+    assert main(["results", out, "--to", str(tmp_path / "r.parquet")]) == 0
+    assert pq.read_table(tmp_path / "r.parquet").num_rows == 1
+    assert main(["results", out, "--format", "jsonl", "--to", str(tmp_path / "r.jsonl")]) == 0
+    assert json.loads((tmp_path / "r.jsonl").read_text())["id"] == "a"
+    assert main(["results", out, "--format", "table", "--to", str(tmp_path / "plain")]) == 0
+    assert "status" in (tmp_path / "plain").read_text()
+    assert main(["compare", out, out, "--to", str(tmp_path / "cmp.parquet")]) == 0
+    assert pq.read_table(tmp_path / "cmp.parquet").num_rows == 1

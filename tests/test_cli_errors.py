@@ -84,6 +84,28 @@ CASES = [
     (["status", "{out}", "--storage-option", "Sekr3t:x"], EXIT_USAGE, ["--storage-option", "key=value"]),
     (["status", "{out}", "--storage-option", "a..b=Sekr3t"], EXIT_USAGE, ["the key 'a..b'", "empty"]),
     (["status", "{out}", "--storage-option", "a=1", "--storage-option", "a.b=2"], EXIT_USAGE, ["a.b", "a was"]),
+    (
+        ["score", "{manifest}", "--output", "{tmp}/s", "--recognizer", "insightface"],
+        EXIT_USAGE,
+        ["--recognizer insightface needs --pack", "--pack ./models/antelopev2", "--recognizer dlib"],
+    ),
+    (
+        ["results", "{out}", "--format", "csv", "--to", "{tmp}/r.parquet"],
+        EXIT_USAGE,
+        ["--format csv contradicts --to {tmp}/r.parquet", "names parquet", "--to {tmp}/r.csv", "leave --format out"],
+    ),
+    (["results", "{out}", "--to", "{tmp}/r.json"], EXIT_USAGE, ["names json", "does not write", "{tmp}/r.jsonl"]),
+    (
+        ["results", "{out}", "--format", "jsonl", "--to", "{tmp}/r.json"],
+        EXIT_USAGE,
+        ["--to {tmp}/r.json with --format jsonl", "does not write", "give --to {tmp}/r.jsonl"],
+    ),
+    (
+        ["compare", "{out}", "--to", "{tmp}/x.json"],
+        EXIT_USAGE,
+        ["--to {tmp}/x.json", "names json", "csv or parquet", "--to {tmp}/x.csv or --to {tmp}/x.parquet"],
+    ),
+    (["compare", "{out}", "--to", "{tmp}/x"], EXIT_USAGE, ["--to {tmp}/x", "names no format", "csv or parquet"]),
     (["status", "s4://bucket/out"], EXIT_USAGE, ["s4://bucket/out", "unknown storage protocol", "did you mean"]),
     pytest.param(["status", "gs://bucket/out"], EXIT_USAGE, ["gs://bucket/out", "pip install gcsfs"], marks=NO_GCSFS),
     pytest.param(["validate", "{gs}"], EXIT_USAGE, ["{gs}: manifest gs://", "pip install gcsfs"], marks=NO_GCSFS),
@@ -147,10 +169,16 @@ def test_version_and_help(capsys: pytest.CaptureFixture[str]) -> None:
     assert "processes" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("command", ["status", "validate"])
 def test_s3_without_credentials_names_the_fix(
-    s3_endpoint: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    s3_endpoint: dict[str, Any],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    command: str,
 ) -> None:
-    """No key anywhere (env, files, metadata service): botocore raises NoCredentialsError before any request."""
+    """No key anywhere (env, files, metadata service): botocore raises NoCredentialsError before any request. The
+    fix names where this command takes storage options: --storage-option flags (status), the job spec (validate)."""
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
         monkeypatch.delenv(name, raising=False)
     empty = tmp_path / "empty"
@@ -159,11 +187,21 @@ def test_s3_without_credentials_names_the_fix(
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(empty))
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     monkeypatch.setattr(faults, "DEFAULT_RETRY", faults.NO_RETRY)
-    options = [f"client_kwargs.endpoint_url={s3_endpoint['endpoint_url']}", "anon=false", "skip_instance_cache=true"]
-    argv = ["status", "s3://bucket/out"] + [a for o in options for a in ("--storage-option", o)]
+    endpoint = s3_endpoint["endpoint_url"]
+    if command == "status":
+        options = [f"client_kwargs.endpoint_url={endpoint}", "anon=false", "skip_instance_cache=true"]
+        argv = ["status", "s3://bucket/out"] + [a for o in options for a in ("--storage-option", o)]
+        where, fix, wrong = "s3://bucket/out", ["--storage-option key=", "--storage-option anon=true"], "job spec"
+    else:
+        spec = _spec(tmp_path / "s3.yaml", "s3://bucket/m.parquet", str(tmp_path / "new"))
+        options = {"client_kwargs": {"endpoint_url": endpoint}, "anon": False, "skip_instance_cache": True}
+        Path(spec).write_text(yaml.safe_dump({**yaml.safe_load(Path(spec).read_text()), "storage_options": options}))
+        argv, where, wrong = ["validate", spec], "s3://bucket/m.parquet", "--storage-option"
+        fix = ["storage_options {s3: {key: ..., secret: ...}} in the job spec", "{s3: {anon: true}} in the job spec"]
     assert main(argv) == EXIT_USAGE
     err = capsys.readouterr().err
-    assert "no credentials for s3://bucket/out" in err and "AWS_ACCESS_KEY_ID" in err and "anon: true" in err, err
+    assert f"no credentials for {where}" in err and "AWS_ACCESS_KEY_ID" in err, err
+    assert all(f in err for f in fix) and wrong not in err, err
     assert "Traceback" not in err
 
 

@@ -20,6 +20,7 @@ import pytest
 from farm import storage
 from farm.export import ExportError, export_output, shards
 from farm.export.formats import encode_key
+from farm.export.select import select
 from farm.export.where import parse_where, tokenize
 from farm.results import result_schema
 from farm.storage import OutputLayout
@@ -149,6 +150,38 @@ def test_where_compares_timestamps_with_iso_text() -> None:
     assert ds.dataset(table).to_table(columns={"m": expr}).column("m").to_pylist() == [False, True]
     with pytest.raises(ExportError, match="'yesterday' is not an ISO date/time"):
         parse_where("committed_at > 'yesterday'", schema)
+
+
+BIG_SEEDS = pa.table(
+    {
+        "id": ["a", "b", "c", "d"],
+        "status": ["ok"] * 4,
+        "video": ["v"] * 4,
+        "seed": pa.array([834959276, 1, 2**53 + 1, None], pa.int64()),
+    }
+)
+
+
+@pytest.mark.parametrize(
+    ("text", "ids"),
+    [
+        ("seed > 0.5", ["a", "b", "c"]),
+        ("seed >= 1e3", ["a", "c"]),
+        ("seed < 1.5", ["b"]),
+        ("seed <= 1.0", ["b"]),
+        ("seed = 1.0", ["b"]),
+        ("seed != 1.0", ["a", "c"]),
+        ("seed <> 834959276.0", ["b", "c"]),
+        ("0.5 < seed", ["a", "b", "c"]),
+        ("seed IN (1.0, 2.5)", ["b"]),
+        ("seed NOT IN (1.0, 834959276.0)", ["c"]),
+        ("seed = 9007199254740993", ["c"]),  # an integer literal still compares exactly, past 2**53
+        ("seed > 0.5 AND seed IN (1, 834959276)", ["a", "b"]),
+    ],
+)
+def test_float_literals_compare_with_large_integer_columns(text: str, ids: list[str]) -> None:
+    """Arrow narrows 0.5 to float32 and then refuses to cast a seed past 2**24 to it: the filter must still work."""
+    assert select(BIG_SEEDS, text).table.column("id").to_pylist() == ids
 
 
 def test_tokenize_keeps_positions() -> None:

@@ -156,3 +156,15 @@ def test_empty_table_renders() -> None:
     empty = _sweep().slice(0, 0)
     assert summarize(empty).num_rows == 0
     assert render(summarize(empty)) == "(no records)"
+
+
+def test_a_metric_named_twice_or_face_rate_shows_once() -> None:
+    """``--metrics identity_mean,face_rate,identity_mean``: each column once, in the order given; face_rate as the
+    metric (mean with its interval) instead of the plain face_rate column beside it."""
+    table = _sweep()
+    assert metric_columns(table, ["identity_mean", "face_rate", "identity_mean"]) == ["identity_mean", "face_rate"]
+    summary = summarize(table, metrics=["identity_mean", "face_rate", "identity_mean"], resamples=50)
+    header = render(summary, "table").splitlines()[0].split()
+    assert header == ["config_id", "rows", "ok", "failed", "skipped", "s/video", "identity_mean", "face_rate"]
+    assert len(set(summary.column_names)) == len(summary.column_names)
+    assert "0.6250 [" in render(summary, "table")  # g5's face rate over its 4 ok rows, with an interval
