@@ -70,8 +70,13 @@ def _read_part(
         return _damaged(uri, f"unreadable Parquet ({type(exc).__name__}: {exc})", damaged)
 
 
+_WARNED: set[tuple[str, str]] = set()  # a damaged part is read several times per run: warn once per process
+
+
 def _damaged(uri: str, reason: str, damaged: list[DamagedPart] | None) -> None:
-    log.warning("skipping damaged result part %s: %s; move it out of the log to silence this", uri, reason)
+    if (uri, reason) not in _WARNED:
+        _WARNED.add((uri, reason))
+        log.warning("skipping damaged result part %s: %s; move it out of the log to silence this", uri, reason)
     if damaged is not None:
         damaged.append(DamagedPart(uri, reason))
 

@@ -33,6 +33,7 @@ from farm.models.lynx.loader import (
     check_variant,
 )
 from farm.models.lynx.pipeline import OFFICIAL_NEGATIVE_PROMPT, REF_PROMPT
+from farm.models.lynx.quiet import no_progress_bars
 
 BASE_DIRNAME = "Wan2.1-T2V-14B-Diffusers"  # the official README's folder names: this, lynx_full, lynx_lite
 ARCFACE_DIRNAME = "arcface"
@@ -258,7 +259,7 @@ def make_tiny_checkpoint(
     (base / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=2))
     vocab = write_tiny_tokenizer(base / "tokenizer")
 
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), no_progress_bars():
         _seeded(seed, 1)
         encoder = UMT5EncoderModel(UMT5Config(**tiny_text_config(vocab)))
         encoder.save_pretrained(str(base / "text_encoder"))
