@@ -13,9 +13,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
-from farm.export import where as where_module
 from farm.export.errors import ExportError
-from farm.export.where import Operand, Token, parse_where
+from farm.export.where import parse_where
 
 RIGHTS = "rights_confirmed"
 
@@ -41,37 +40,6 @@ class Selection:
         }
 
 
-class _FloatSafeWhere(where_module._Parser):
-    """The ``--where`` parser, with a float literal compared with an integer column compared as float64.
-
-    Why: Arrow narrows a float literal that fits float32 (``0.5``, ``1e3``) to float32 and then casts the integer
-    column to float32 too, which refuses any value past 2**24 (a seed of 834959276). Casting the column to float64
-    first keeps the literal float64. An integer literal still compares integer to integer (exact, also past 2**53).
-    """
-
-    _as_float = False
-
-    def _compare(self, left: Operand, op: Token, right: Operand) -> pc.Expression:
-        self._as_float = any(side.kind == "number" and isinstance(side.value, float) for side in (left, right))
-        try:
-            return super()._compare(left, op, right)
-        finally:
-            self._as_float = False
-
-    def _expr(self, operand: Operand, like: Operand | None = None) -> pc.Expression:
-        expr = super()._expr(operand, like)
-        if self._as_float and operand.kind == "column" and pa.types.is_integer(self._type(operand)):
-            return expr.cast(pa.float64(), safe=False)  # past 2**53 it rounds, as any float comparison does
-        return expr
-
-
-def parse_filter(text: str, schema: pa.Schema) -> pc.Expression:
-    """``parse_where`` (same grammar, checks and messages), with float literals safe against integer columns."""
-    if not text or not text.strip():
-        return parse_where(text, schema)  # raises its "--where is empty" error
-    return _FloatSafeWhere(text, schema).parse()
-
-
 def _mask(table: pa.Table, expr: pc.Expression) -> pa.Array:
     """``expr`` evaluated per row, unknown (null) read as false; Arrow type errors become ``ExportError``."""
     try:
@@ -95,7 +63,7 @@ def rights_refused(table: pa.Table) -> pa.Array:
 
 def select(table: pa.Table, where: str | None) -> Selection:
     """The rows to export, by id; ``ValueError`` from ``where`` (an unknown column, a syntax error)."""
-    user = parse_filter(where, table.schema) if where is not None else None
+    user = parse_where(where, table.schema) if where is not None else None
     ok = _mask(table, (pc.field("status") == "ok") & pc.field("video").is_valid())
     refused = pc.and_(ok, rights_refused(table))
     allowed = pc.and_(ok, pc.invert(refused))
@@ -124,4 +92,4 @@ def effective_filter(where: str | None, has_rights: bool) -> str:
     return " AND ".join(parts)
 
 
-__all__ = ["RIGHTS", "Selection", "effective_filter", "parse_filter", "rights_refused", "select"]
+__all__ = ["RIGHTS", "Selection", "effective_filter", "rights_refused", "select"]

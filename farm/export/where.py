@@ -219,7 +219,20 @@ class _Parser:
             left, right = right, left
             op = Token("op", {"<": ">", "<=": ">=", ">": "<", ">=": "<="}.get(op.text, op.text), op.pos)
         lhs, rhs = self._expr(left), self._expr(right, like=left)
+        if self._float_against_integers(left, right):
+            # Arrow would narrow a float literal that fits float32 (0.5, 1e3) and cast the column to float32 with
+            # it, refusing any value past 2**24 (a seed of 834959276): compare in float64 instead. An integer
+            # literal still compares integer to integer (exact, also past 2**53).
+            lhs = lhs.cast(pa.float64(), safe=False)
         return getattr(pc, COMPARISONS[op.text])(lhs, rhs)
+
+    def _float_against_integers(self, left: Operand, right: Operand) -> bool:
+        return (
+            left.kind == "column"
+            and pa.types.is_integer(self._type(left))
+            and right.kind == "number"
+            and isinstance(right.value, float)
+        )
 
     def _expr(self, operand: Operand, like: Operand | None = None) -> pc.Expression:
         """``operand`` as an expression; a literal compared with ``like`` (a column) must suit its type."""
