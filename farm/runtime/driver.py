@@ -73,6 +73,8 @@ class RunSummary:
             elapsed_s=sum(p.elapsed_s for p in parts),
             replicas=max(p.replicas for p in parts),
             replica_restarts=sum(p.replica_restarts for p in parts),
+            busy_fraction=_weighted_busy(parts),
+            first_dispatch_s=next((p.first_dispatch_s for p in parts if p.first_dispatch_s is not None), None),
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -87,6 +89,13 @@ class RunSummary:
             "busy_fraction": self.busy_fraction,
             "first_dispatch_s": self.first_dispatch_s,
         }
+
+
+def _weighted_busy(parts: list[RunSummary]) -> float | None:
+    """The runs' busy fractions weighted by their elapsed time (None when no run measured one)."""
+    known = [(p.busy_fraction, p.elapsed_s) for p in parts if p.busy_fraction is not None and p.elapsed_s > 0]
+    total = sum(elapsed for _, elapsed in known)
+    return sum(busy * elapsed for busy, elapsed in known) / total if total else None
 
 
 def _utcnow() -> dt.datetime:
@@ -414,7 +423,7 @@ class Driver:
             status = "aborted"
             raise
         finally:
-            summary = self._finish(status, manifest.num_rows, start)
+            summary = self._finish(status, self.total_rows, start)
             if previous is not None and _in_main_thread():
                 signal.signal(signal.SIGTERM, previous)
         return summary
@@ -423,7 +432,7 @@ class Driver:
         """What this run is, before touching the cluster or the output: row defaults, the record maker (model and
         metric settings), the run id and its lease; returns the results schema."""
         job = self.job
-        self.total_rows = manifest.num_rows
+        self.total_rows = manifest.num_rows * max(1, len(self.configs))  # a sweep's model group: rows x configs
         self.defaults = row_defaults(job)
         self.extra_columns = manifest.extra_columns
         self.run_id = results.new_run_id()
@@ -463,7 +472,7 @@ class Driver:
         self.pool.reconcile()
         self.phase = "running"
         self._write_job_json(status="running")
-        self.reporter = ProgressReporter(manifest.num_rows, self.progress, job.runtime.progress_every_s)
+        self.reporter = ProgressReporter(self.total_rows, self.progress, job.runtime.progress_every_s)
         self._tick()
 
     def _finish(self, status: str, rows_seen: int, start: float) -> RunSummary:
@@ -535,7 +544,7 @@ class Driver:
         self.resume = resume.plan_resume(
             context, self.retry_failed, self.regenerate_changed, self.rescore_changed, job.runtime.verify_portraits
         )
-        self._preflight(manifest.num_rows - len(self.resume.keep))
+        self._preflight(self.total_rows - len(self.resume.keep))
         for line in self.resume.changes:
             log.info("changed since the committed rows: %s", line)
         if self.resume.removed:

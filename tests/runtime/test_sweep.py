@@ -64,6 +64,8 @@ def test_a_grid_runs_every_row_in_every_config_and_resumes(tmp_path: Path, capsy
     job = still_job(manifest, out, resources=FAST, sweep=sweep)
     summary = run_job(job, progress=False)
     assert summary.counts["ok"] == 16
+    assert summary.rows_seen == 16, "rows x configs, as recorded"
+    assert summary.busy_fraction is not None and summary.first_dispatch_s is not None
     table = open_results(out)
     recs = table.to_pylist()
     assert len(recs) == 16 and len({r["id"] for r in recs}) == 16
