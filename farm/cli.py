@@ -340,6 +340,7 @@ def cmd_score(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
             workers=args.workers,
             retry_failed=args.retry_failed,
+            rescore_changed=args.rescore_changed,
         )
     except ScoreAborted as exc:
         print(f"scoring aborted: {secrets.scrub(str(exc))}", file=sys.stderr)
@@ -496,6 +497,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers", type=int, default=2, help="worker processes scoring in parallel (each loads its recognizer)"
     )
     p.add_argument("--retry-failed", action="store_true", help="also rescore rows whose committed status is failed")
+    p.add_argument(
+        "--rescore-changed",
+        action="store_true",
+        help="score committed rows again when they were scored with other settings (--frames, --recognizer ...)",
+    )
     _storage_option_arg(p)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_score)

@@ -259,9 +259,15 @@ def _differences(
 
 
 def _metrics_changes(ctx: Context, old: list[Record]) -> list[str]:
+    return settings_changes("metrics", Counter(rec.metrics_config for rec in old), ctx.metrics_config)
+
+
+def settings_changes(prefix: str, committed: Counter[str | None], now: str) -> list[str]:
+    """``metrics.identity.frames: 3 committed rows were made with 8; this run gives 4`` for each setting that
+    differs between the committed rows' canonical settings (JSON, with their row counts) and this run's."""
     pairs: Counter[tuple[str, str, str]] = Counter()
-    for value, count in Counter(rec.metrics_config for rec in old).items():
-        for name, before, after in _json_differences("metrics", value, ctx.metrics_config):
+    for value, count in committed.items():
+        for name, before, after in _json_differences(prefix, value, now):
             pairs[(name, before, after)] += count
     return [_line(name, before, after, count) for (name, before, after), count in pairs.most_common(12)]
 

@@ -28,8 +28,10 @@ import pyarrow.compute as pc
 from tqdm import tqdm
 
 from farm import fingerprints, results, secrets, storage, table
+from farm.config import SpecError
 from farm.manifest import Manifest, ManifestError, RowState, plan_rows
 from farm.records import ErrorCode, InfraError, Record, Status
+from farm.resume import settings_changes
 from farm.storage import OutputLayout
 
 log = logging.getLogger(__name__)
@@ -54,6 +56,10 @@ class UnavailableFilesystem(ManifestError):
 
 class ScoreAborted(RuntimeError):
     """Worker processes keep dying before they finish any row: the machine, not a row, is at fault."""
+
+
+class ChangedScores(SpecError):
+    """Committed rows were scored with other settings (``--frames``, the recognizer ...); nothing was scored."""
 
 
 class _InitFailed(Exception):
@@ -273,6 +279,21 @@ INSIGHTFACE_NEEDS_PACK = (
 )
 
 
+def _changed_ids(layout: OutputLayout, metrics: str, rescore_changed: bool) -> set[str]:
+    """Committed ids scored with other settings than ``metrics``: refused (``ChangedScores``) unless
+    ``rescore_changed``, then returned to be scored again. Records without settings (older ones) are kept."""
+    committed = table.read_results(layout, ["metrics_config"])
+    moved = committed.filter(pc.fill_null(pc.not_equal(committed.column("metrics_config"), metrics), False))
+    if moved.num_rows and not rescore_changed:
+        changes = settings_changes("metrics", Counter(moved.column("metrics_config").to_pylist()), metrics)
+        raise ChangedScores(
+            f"output {layout.root!r} has {moved.num_rows:,} committed row(s) scored with other settings:\n"
+            + "".join(f"  {line}\n" for line in changes)
+            + "rerun with --rescore-changed to score them again (their records are replaced), or give another --output"
+        )
+    return set(moved.column("id").to_pylist())
+
+
 def _done_ids(layout: OutputLayout, retry_failed: bool) -> set[str]:
     if not retry_failed:
         return table.committed_ids(layout)
@@ -292,6 +313,7 @@ def score_manifest(
     strict: bool = False,
     min_face_size: float = 32,
     retry_failed: bool = False,
+    rescore_changed: bool = False,
     chunk_scorer: ChunkScorer = _score_chunk,
 ) -> dict[str, Any]:
     """Score every uncommitted row (``retry_failed``: and every row not ``ok``); returns counts.
@@ -310,12 +332,12 @@ def score_manifest(
     layout = OutputLayout(output, options)
     extra = manifest.extra_columns
     schema = results.result_schema(pa.schema([manifest.schema.field(c) for c in extra]))
-    writer = results.ResultWriter(layout, schema, table.next_run_seq(layout), every_rows=64, every_s=10.0)
-    done = _done_ids(layout, retry_failed)
-    counts: Counter[str] = Counter()
     model = f"score:{recognizer}"
     identity = {"recognizer": recognizer, "pack": pack, "frames": frames, "strict": strict}
     metrics = fingerprints.canonical({"identity": {**identity, "min_face_size": min_face_size}})
+    done = _done_ids(layout, retry_failed) - _changed_ids(layout, metrics, rescore_changed)
+    writer = results.ResultWriter(layout, schema, table.next_run_seq(layout), every_rows=64, every_s=10.0)
+    counts: Counter[str] = Counter()
 
     def commit(row: dict[str, Any], fields: dict[str, Any]) -> None:
         rec = Record(**fields, carried={results.carried_name(name): row.get(name) for name in extra})

@@ -4,6 +4,7 @@ then records, and videos are sampled while decoding (bounded memory)."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import signal
 import tracemalloc
@@ -46,8 +47,8 @@ def score(tmp_path: Path, tiny_pack: Path) -> Any:
 
     def run(data: list[dict[str, Any]], **kwargs: Any) -> tuple[dict[str, Any], dict[str, dict]]:
         out = str(tmp_path / "scores")
-        kwargs = {"recognizer": "insightface", "pack": str(tiny_pack), "workers": 2, **kwargs}
-        summary = score_manifest(write_manifest(tmp_path / "m.parquet", data), out, frames=2, progress=False, **kwargs)
+        kwargs = {"recognizer": "insightface", "pack": str(tiny_pack), "workers": 2, "frames": 2, **kwargs}
+        summary = score_manifest(write_manifest(tmp_path / "m.parquet", data), out, progress=False, **kwargs)
         return summary, _records(out)
 
     return run
@@ -229,3 +230,21 @@ def test_a_wrong_or_missing_packet_count_still_picks_the_right_frames(
     monkeypatch.setattr(video, "count_frames", lambda path: count)
     frames, total = decode_sampled(long_video, lambda n: sample_indices(n, 5))
     assert total == 600 and np.array_equal(frames, full[sample_indices(600, 5)])
+
+
+# ---------------------------------------------------------------------------------------------- resume
+def test_a_rerun_with_other_settings_is_refused_until_rescore_changed(score: Any, clip: str) -> None:
+    """Found by a README walkthrough: rerunning with ``--frames 4`` after ``--frames 2`` kept the old scores."""
+    data = [{"id": f"v{i}", "portrait": ASTRONAUT, "video": clip} for i in range(3)]
+    first, recs = score(data)
+    assert sum(first["counts"].get(k, 0) for k in ("ok", "failed")) == 3
+    assert {json.loads(r["metrics_config"])["identity"]["frames"] for r in recs.values()} == {2}
+    again, _ = score(data)
+    assert again["counts"].get("already_committed") == 3
+    changed = "identity.frames: 3 committed rows were made with 2; this run gives 4"
+    with pytest.raises(scoring.ChangedScores, match=changed):
+        score(data, frames=4)
+    rescored, recs = score(data, frames=4, rescore_changed=True)
+    assert sum(rescored["counts"].get(k, 0) for k in ("ok", "failed")) == 3
+    assert not rescored["counts"].get("already_committed")
+    assert {json.loads(r["metrics_config"])["identity"]["frames"] for r in recs.values()} == {4}
