@@ -121,6 +121,7 @@ class PreflightReport:
     findings: list[Finding] = field(default_factory=list)
     checked: list[str] = field(default_factory=list)
     estimate: GpuEstimate | None = None
+    deep: bool = False  # the weights' safetensors headers were read too
 
     @property
     def ok(self) -> bool:
@@ -133,7 +134,8 @@ class PreflightReport:
 
     def render(self) -> str:
         verdict = "ok" if self.ok else "BLOCKED (fix these before spending GPU time)"
-        lines = [f"pre-flight: {verdict}; checked {', '.join(self.checked) or 'nothing'}"]
+        checked = [f"{c} (deep: file headers read)" if c == "weights" and self.deep else c for c in self.checked]
+        lines = [f"pre-flight: {verdict}; checked {', '.join(checked) or 'nothing'}"]
         for f in self.findings:
             lines.append(f"  {'error' if f.blocking else 'warning'} [{f.check}] {f.message}")
         if self.estimate is not None:
@@ -149,6 +151,7 @@ def preflight(
     report = PreflightReport()
     weights, approximations = check_model(job, deep)
     report.add("weights", weights)
+    report.deep = deep
     report.add("model", approximations, blocking=False)
     report.add("output", [p] if (p := check_output(job.output, job.storage_options)) else [])
     if check_portrait_roots:

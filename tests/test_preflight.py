@@ -177,7 +177,9 @@ def test_farm_validate_fails_on_a_misspelled_adapter(
 def test_farm_validate_passes_and_estimates(tmp_path: Path, ckpt: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["validate", str(_lynx_spec(tmp_path, ckpt, "lynx_full"))]) == 0
     out = capsys.readouterr().out
-    assert "pre-flight: ok" in out and "GPU time estimate: 2 rows x" in out
+    assert "pre-flight: ok" in out and "GPU time estimate: 2 rows x" in out and "deep:" not in out
+    assert main(["validate", "--deep", str(_lynx_spec(tmp_path, ckpt, "lynx_full"))]) == 0
+    assert "checked weights (deep: file headers read)" in capsys.readouterr().out  # says the deep checks ran
 
 
 def test_estimate_for_a_job_counts_manifest_rows(tmp_path: Path, ckpt: Path) -> None:
