@@ -516,14 +516,30 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("schemas", help="write the manifest/result/job JSON Schemas")
     p.add_argument("--dir", default="schemas")
     p.set_defaults(func=cmd_schemas)
+    for command in sub.choices.values():
+        command.set_defaults(command_parser=command)
     return parser
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse; an unknown flag is reported with the command's own usage and a did-you-mean (argparse reports it
+    with the top-level usage, which lists commands instead of the command's flags)."""
+    args, extra = build_parser().parse_known_args(argv)
+    if extra:
+        from farm.config import did_you_mean
+
+        command = args.command_parser
+        flags = [o for action in command._actions for o in action.option_strings]
+        hint = did_you_mean(extra[0], flags) if extra[0].startswith("-") else ""
+        command.error(f"unrecognized arguments: {' '.join(extra)}{hint}")
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; the exit code says how it ended (``EXIT_CODES``)."""
     try:
         try:
-            args = build_parser().parse_args(argv)
+            args = _parse(argv)
         except SystemExit as exc:  # --help, --version, a usage error: argparse has printed its text
             _emit("", end="")
             return exc.code if isinstance(exc.code, int) else EXIT_USAGE

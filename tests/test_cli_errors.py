@@ -75,6 +75,8 @@ CASES = [
     (["run", "{good}", "--replicas", "abc"], EXIT_USAGE, ["--replicas", "'abc'", "or 'all'"]),
     (["run", "{good}", "{good}", "--output", "{tmp}/x"], EXIT_USAGE, ["--output", "a sweep", "drop it"]),
     (["stauts", "{out}"], EXIT_USAGE, ["'stauts'", "did you mean 'status'"]),
+    (["run", "{good}", "--retry-faild"], EXIT_USAGE, ["farm run: error", "did you mean '--retry-failed'"]),
+    (["status", "{out}", "--jsn"], EXIT_USAGE, ["usage: farm status", "--jsn", "did you mean '--json'"]),
     (["status", "{good}"], EXIT_USAGE, ["{good} is a file", "output:"]),
     (["status", "{tmp}/typo"], EXIT_USAGE, ["no job output at {tmp}/typo", "typo"]),
     (["results", "{tmp}"], EXIT_USAGE, ["no job output at {tmp}", "_job.json"]),
