@@ -21,6 +21,7 @@ import logging
 import os
 import re
 import socket
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,8 @@ def connect(address: str | None = None) -> bool:
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address is not None:
         check_reachable(address)
+    if not (sys.stdout.isatty() and sys.stderr.isatty()):
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # replica log lines without colour codes in files and Ray Jobs
     context = ray.init(
         address=address or "local",
         include_dashboard=False,

@@ -160,6 +160,7 @@ def test_status_json_of_a_live_run_then_of_a_killed_driver(tmp_path: Path, capsy
             os.killpg(driver.pid, signal.SIGKILL)
         output = driver.stdout.read() if driver.stdout else ""
     assert "progress: rows" in output  # the plain lines a non-terminal stderr gets
+    assert "(Replica pid=" in output and "\x1b[" not in output, "replica lines without colour codes"
 
     # the rerun resumes and finishes: the killed run is no longer shown as one to resume
     resumed = farm_run_process(spec, ray.get_runtime_context().gcs_address)
