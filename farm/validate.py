@@ -16,7 +16,7 @@ from farm.fingerprints import metrics_config
 from farm.manifest import Manifest, RowState, plan_rows, resolve_keyed
 from farm.models import build_backend
 from farm.preflight import PreflightReport, estimate_for, preflight
-from farm.records import ErrorCode, RowError, Status, status_for
+from farm.records import ErrorCode, InfraError, RowError, Status, status_for
 from farm.storage import OutputLayout
 from farm.sweep import model_groups
 from farm.worker import row_defaults
@@ -124,6 +124,13 @@ def resume_refusals(job: JobSpec, manifest: Manifest) -> list[str]:
     """What ``farm run`` would refuse against the output's committed rows, in its words: rows made differently from
     what the spec and manifest now ask (per model group of a sweep), a carried column whose type changed. [] for a
     fresh output. Read-only: no lease is taken."""
+    try:
+        return _refusals(job, manifest)
+    except InfraError:  # the output cannot be read: the pre-flight's output check names the problem
+        return []
+
+
+def _refusals(job: JobSpec, manifest: Manifest) -> list[str]:
     layout = OutputLayout(job.output, job.storage_options)
     found = []
     schema = results.result_schema(pa.schema([manifest.schema.field(c) for c in manifest.extra_columns]))

@@ -329,8 +329,8 @@ class Driver:
             raise JobAborted(
                 f"{self.infra_streak} rows in a row failed on infrastructure faults after "
                 f"{self.job.runtime.max_attempts} attempts each (runtime.infra_abort_after={limit}); last: "
-                f"{final.error_message}. Fix the storage, network or credentials and rerun the same command: it "
-                "redoes these rows"
+                f"{final.error_message}. Fix the cause (storage, network, credentials; GPU memory for out-of-memory) "
+                "and rerun the same command: it redoes these rows"
             )
 
     def _on_ready(self, event: Ready) -> None:
