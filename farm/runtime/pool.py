@@ -134,8 +134,10 @@ class ReplicaPool:
             self._asked = self.target
 
     def _counted(self) -> int:
-        """Replicas that count toward the target: an unreachable one (probably on a dead node) is replaced at once;
-        if it answers again the pool runs one over target, which costs nothing but an idle bundle."""
+        """Replicas that count toward the target. An unreachable one (probably on a dead node) does not: with a fixed
+        target or an autoscaler's ceiling it is replaced at once; with ``all`` and the GPUs present, its GPUs leave the
+        target too (Ray still counts them), so a replacement starts when a node joins. If it answers again, ``_trim``
+        stops a replacement that has not loaded."""
         return sum(1 for h in self.handles.values() if not h.probe_deadline)
 
     def _trim(self) -> None:
