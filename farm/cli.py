@@ -254,7 +254,7 @@ def cmd_results(args: argparse.Namespace) -> int:
         raise UsageError("results --format parquet writes a file: add --to FILE (e.g. --to results.parquet)")
     text = export_results(args.output, _outputs(args, args.output), fmt, args.to, args.limit)
     if text:
-        _emit(text)
+        _emit(text, end="" if text.endswith("\n") else "\n")  # csv/jsonl end with their own newline
     return EXIT_OK
 
 

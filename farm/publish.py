@@ -33,6 +33,7 @@ from farm.table import (
     find_winners,
     log_signature,
     merged_type,
+    read_parquet_bytes,
     run_seq_of,
     survey,
     unified_schema,
@@ -170,7 +171,7 @@ def _consolidate(layout: OutputLayout, parts: list[Part]) -> tuple[int, int]:
 
 
 def _read_whole(uri: str, layout: OutputLayout) -> pa.Table:
-    return pq.read_table(pa.BufferReader(storage.read_bytes(uri, layout.storage_options)))
+    return read_parquet_bytes(storage.read_bytes(uri, layout.storage_options))
 
 
 def _sorted_by_rank(

@@ -65,6 +65,7 @@ class ResumePlan:
     unfingerprinted: int = 0
     removed: int = 0
     changes: list[str] = field(default_factory=list)
+    invalid_now: Counter[str] = field(default_factory=Counter)  # kept ok rows whose manifest row is invalid now
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -74,6 +75,7 @@ class ResumePlan:
             "redone_not_ok": len(self.redo),
             "without_fingerprints": self.unfingerprinted,
             "not_in_manifest": self.removed,
+            "kept_ok_invalid_now": dict(self.invalid_now),
             "changes": self.changes,
         }
 
@@ -90,15 +92,16 @@ class Context:
     configs: Sequence[Any] = ()  # a sweep's configs this run makes (one model group)
 
 
-def row_fingerprint(ctx: Context, key: str, row: dict[str, Any], error: RowError | None) -> str:
-    """The request fingerprint this run gives a row (an invalid row: a digest of what it holds)."""
+def row_now(ctx: Context, key: str, row: dict[str, Any], error: RowError | None) -> tuple[str, str | None]:
+    """The request fingerprint this run gives a row, and its error code when the row is invalid now (an invalid
+    row's fingerprint is a digest of what it holds)."""
     if error is None:
         try:
             request = resolve_keyed(key, row, ctx.defaults)
-            return fingerprints.request_fingerprint(ctx.model_config, request, row["portrait"])
-        except RowError:
-            pass
-    return fingerprints.invalid_fingerprint(ctx.model_config, row)
+            return fingerprints.request_fingerprint(ctx.model_config, request, row["portrait"]), None
+        except RowError as exc:
+            error = exc
+    return fingerprints.invalid_fingerprint(ctx.model_config, row), error.code.value
 
 
 def _rows(ctx: Context) -> Iterator[tuple[str, dict[str, Any], RowError | None]]:
@@ -123,6 +126,7 @@ def plan_resume(
     plan.removed = committed.num_rows - seen
     plan.unfingerprinted = joined.column("request_fingerprint").null_count
     regenerate, rescore, plan.redo = _classify(ctx, joined, retry_failed, verify_portraits)
+    plan.invalid_now = _ok_rows_invalid_now(joined)
     old = _records(ctx.layout, regenerate | rescore)  # one read of the changed rows' whole records
     if regenerate or rescore:
         plan.changes = describe_changes(ctx, old, regenerate, rescore)
@@ -143,7 +147,7 @@ def _classify(
     ok = pc.fill_null(pc.equal(joined.column("status"), Status.OK.value), False)
     differs = pc.and_(known, pc.not_equal(joined.column("now"), joined.column("request_fingerprint")))
     same_ok = pc.and_(pc.and_(ok, known), pc.invert(differs))
-    regenerate = _ids(joined, pc.and_(ok, differs))
+    regenerate = _ids(joined, pc.and_(pc.and_(ok, differs), pc.is_null(joined.column("now_error"))))
     if verify_portraits:
         regenerate |= _portraits_changed(ctx, joined.filter(same_ok))
     metrics_moved = pc.fill_null(pc.not_equal(joined.column("metrics_config"), ctx.metrics_config), True)
@@ -152,6 +156,13 @@ def _classify(
     infra = pc.and_(failed, pc.fill_null(pc.equal(joined.column("error_code"), ErrorCode.INFRA.value), False))
     redo = _ids(joined, pc.and_(pc.invert(ok), differs)) | _ids(joined, failed if retry_failed else infra)
     return regenerate, rescore, redo
+
+
+def _ok_rows_invalid_now(joined: pa.Table) -> Counter[str]:
+    """Committed ok rows whose manifest row is invalid now (a duplicated id, an emptied prompt ...), by error code:
+    nothing can be made of them, so their records and videos are kept (never replaced by a failure)."""
+    ok = pc.fill_null(pc.equal(joined.column("status"), Status.OK.value), False)
+    return Counter(joined.filter(pc.and_(ok, pc.is_valid(joined.column("now_error")))).column("now_error").to_pylist())
 
 
 def _this_runs(ctx: Context, committed: pa.Table) -> pa.Table:
@@ -168,11 +179,15 @@ def _join_current(ctx: Context, committed: pa.Table) -> tuple[pa.Table, int]:
     ids = set(committed.column("id").to_pylist())
     keys: list[str] = []
     now: list[str] = []
+    codes: list[str | None] = []
     for key, row, error in _rows(ctx):
         if key in ids:
+            fingerprint, code = row_now(ctx, key, row, error)
             keys.append(key)
-            now.append(row_fingerprint(ctx, key, row, error))
-    current = pa.table({"id": pa.array(keys, pa.string()), "now": pa.array(now, pa.string())})
+            now.append(fingerprint)
+            codes.append(code)
+    columns = {"id": keys, "now": now, "now_error": codes}
+    current = pa.table({name: pa.array(values, pa.string()) for name, values in columns.items()})
     return committed.join(current, "id", join_type="inner"), len(keys)
 
 

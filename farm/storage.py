@@ -69,6 +69,17 @@ def protocol_of(uri: str) -> str | None:
     return None if protocol in LOCAL_PROTOCOLS else protocol.lower()
 
 
+def anchored(uri: str) -> str:
+    """A local path as any process reads it: ``~`` expanded and a relative path made absolute against this process's
+    directory (replicas run in other working directories, on other nodes); a ``file://`` prefix is kept. Remote
+    and ``pkg://`` URIs come back as given."""
+    if not is_local(uri) or uri.startswith(PKG_SCHEME):
+        return uri
+    scheme = next((p for p in ("file://", "local://") if uri.startswith(p)), "")
+    path = os.path.expanduser(uri[len(scheme) :])
+    return scheme + (path if os.path.isabs(path) else os.path.abspath(path))
+
+
 def _family(protocol: str) -> tuple[str, ...]:
     return next((f for f in PROTOCOL_FAMILIES if protocol in f), (protocol,))
 

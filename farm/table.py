@@ -391,8 +391,15 @@ def _published_if_current(layout: OutputLayout, parts: list[Part]) -> pa.Table |
         return None  # half-copied or foreign: the log is the truth
     if (meta.metadata or {}).get(LOG_KEY) != log_signature(parts).encode():
         return None
-    table = pq.read_table(pa.BufferReader(storage.read_bytes(layout.published, layout.storage_options)))
+    table = read_parquet_bytes(storage.read_bytes(layout.published, layout.storage_options))
     return table.replace_schema_metadata(None)
+
+
+def read_parquet_bytes(data: bytes) -> pa.Table:
+    """One Parquet file's bytes as a Table, through ``ParquetFile`` rather than ``pq.read_table``: the latter runs
+    pyarrow's dataset scanner, whose threads can outlive the interpreter and abort the process at exit
+    (``terminate called without an active exception``, apache/arrow#34314; seen with ``farm.open_results``)."""
+    return pq.ParquetFile(pa.BufferReader(data)).read()
 
 
 def open_results(uri: str, storage_options: dict[str, Any] | None = None) -> pa.Table:

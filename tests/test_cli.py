@@ -120,7 +120,9 @@ def test_status_and_results_export(tmp_path: Path, capsys: pytest.CaptureFixture
     text = capsys.readouterr().out
     assert "records: 1" in text and "video_unreadable" in text
     assert main(["results", out, "--format", "jsonl"]) == 0
-    line = json.loads(capsys.readouterr().out.strip())
+    printed = capsys.readouterr().out
+    assert printed.endswith("}\n") and all(json.loads(x) for x in printed.split("\n")[:-1]), "JSON lines, no blank"
+    line = json.loads(printed.strip())
     assert line["id"] == "a" and line["status"] == "failed"
     target = tmp_path / "export.parquet"
     assert main(["results", out, "--format", "parquet", "--to", str(target)]) == 0

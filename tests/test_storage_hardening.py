@@ -572,3 +572,30 @@ def test_missing_and_empty_portraits_say_so(tmp_path: Path) -> None:
         read_portrait(str(empty))
     with pytest.raises(RowError, match="does not exist"):
         read_portrait(str(tmp_path / "missing.png"))
+
+
+def test_local_portraits_are_anchored_as_validate_reads_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, astronaut: np.ndarray
+) -> None:
+    """Found by a crash-and-resume probe: ``~/a.png`` passed ``farm validate`` but ``farm run`` sent the replicas
+    ``<cwd>/~/a.png``; ``file://relative`` was left relative to each replica's working directory."""
+    from farm.storage import anchored
+
+    home, work = tmp_path / "home", tmp_path / "work"
+    (work / "faces").mkdir(parents=True)
+    home.mkdir()
+    Image.fromarray(astronaut).save(home / "a.png")
+    Image.fromarray(astronaut).save(work / "faces" / "b.png")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    cases = {
+        "~/a.png": str(home / "a.png"),
+        "faces/b.png": str(work / "faces" / "b.png"),
+        "file://faces/b.png": f"file://{work}/faces/b.png",
+        "file://~/a.png": f"file://{home}/a.png",
+    }
+    for given, expected in cases.items():
+        assert anchored(given) == expected
+        np.testing.assert_array_equal(read_portrait(anchored(given)), astronaut)
+    for remote in ("s3://b/k.png", "https://h/x.png", "pkg://skimage/data/astronaut.png", "/abs/x.png"):
+        assert anchored(remote) == remote

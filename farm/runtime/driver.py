@@ -11,7 +11,6 @@ import datetime as dt
 import json
 import logging
 import math
-import os
 import signal
 import threading
 import time
@@ -39,7 +38,7 @@ from farm.runtime.metrics import FarmMetrics
 from farm.runtime.pool import Ask, Done, Dropped, Lost, Paused, Ready, ReplicaPool
 from farm.runtime.progress import ProgressReporter, Snapshot, as_dict
 from farm.runtime.scheduler import Final, Loss, Scheduler, Task
-from farm.storage import OutputLayout, is_local
+from farm.storage import OutputLayout, anchored, is_local
 from farm.sweep import Config, model_groups
 from farm.worker import row_defaults
 
@@ -292,8 +291,8 @@ class Driver:
 
     def _payload(self, task: Task) -> dict[str, Any]:
         portrait = task.row["portrait"]
-        if isinstance(portrait, str) and is_local(portrait) and "://" not in portrait and not os.path.isabs(portrait):
-            portrait = os.path.abspath(portrait)  # replicas run in other working directories (other nodes)
+        if isinstance(portrait, str):
+            portrait = anchored(portrait)  # replicas run in other working directories (other nodes)
         old = self.resume.rescore.get(task.id)
         return {
             "request": task.request,
@@ -547,6 +546,14 @@ class Driver:
         self._preflight(self.total_rows - len(self.resume.keep))
         for line in self.resume.changes:
             log.info("changed since the committed rows: %s", line)
+        if self.resume.invalid_now:
+            codes = ", ".join(f"{code}: {n}" for code, n in self.resume.invalid_now.most_common())
+            log.warning(
+                "%d committed ok row(s) are invalid in this manifest now (%s): their records and videos are kept; "
+                "fix those manifest rows (e.g. remove the duplicated row) to make them again",
+                sum(self.resume.invalid_now.values()),
+                codes,
+            )
         if self.resume.removed:
             log.warning(
                 "%d committed id(s) are not in this manifest: their records stay in %s (this run does not touch them)",

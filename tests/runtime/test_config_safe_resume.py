@@ -196,3 +196,20 @@ def test_a_changed_setting_inside_a_list_is_named_by_its_index() -> None:
         ("model.weights.lora[0].scale", "0.8", "0.5"),
         ("model.weights.lora[1].path", "null", '"x.safetensors"'),
     ]
+
+
+def test_a_committed_ok_row_duplicated_in_the_manifest_keeps_its_record(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Found by a crash-and-resume probe: duplicating a committed id was refused as a change whose fix,
+    --regenerate-changed, replaced the ok record (and orphaned its video) with a duplicate_id failure."""
+    out = str(tmp_path / "out")
+    data = [{"id": "a", "portrait": ASTRONAUT, "prompt": "a"}, {"id": "b", "portrait": ASTRONAUT, "prompt": "b"}]
+    run_job(_job(write_manifest(tmp_path / "m1.parquet", data), out), progress=False)
+    before = _records(out)["a"]
+    duplicated = write_manifest(tmp_path / "m2.parquet", [*data, {"id": "a", "portrait": ASTRONAUT, "prompt": "a2"}])
+    with caplog.at_level("WARNING", logger="farm"):
+        again = run_job(_job(duplicated, out), progress=False)
+    assert sum(again.counts.values()) == 0, "nothing recorded: no duplicate_id failure replaces the ok record"
+    assert _records(out)["a"] == before and Path(before["video"]).is_file()
+    assert "1 committed ok row(s) are invalid in this manifest now (duplicate_id: 1)" in caplog.text
