@@ -14,6 +14,7 @@ from farm.models.lynx.quiet import IMPORT_NOTICES, drop_import_notices, no_progr
 pytest.importorskip("torchao")  # the notices come from importing it (through diffusers' quantizers)
 
 
+@pytest.mark.slow  # two fresh interpreters importing diffusers: ~20 s on 2 cores
 def test_importing_diffusers_models_after_lynx_prints_no_torchao_notices() -> None:
     code = "import farm.models.lynx\nfrom diffusers import WanTransformer3DModel\nprint('imported')"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)

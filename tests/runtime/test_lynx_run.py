@@ -72,6 +72,7 @@ def test_lynx_replicas_pinned_to_distinct_fake_gpus(tmp_path: Path) -> None:
     assert recs["row-000"]["guidance_scale_i"] == 2.0 and recs["row-000"]["num_inference_steps"] == 2
 
 
+@pytest.mark.slow  # ~30 s on 2 cores; the sweep and LoRA parts are covered apart in CI
 def test_a_sweep_over_a_loras_strength(tmp_path: Path) -> None:
     """``sweep: {lora.0.scale: [0.0, 1.0]}`` with a CFG-distilled setting (guidance 1.0, the distill sampler): each
     strength is its own model group (the LoRA merged at that strength), records carry it, a rerun makes nothing."""
