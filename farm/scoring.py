@@ -279,10 +279,11 @@ INSIGHTFACE_NEEDS_PACK = (
 )
 
 
-def _changed_ids(layout: OutputLayout, metrics: str, rescore_changed: bool) -> set[str]:
-    """Committed ids scored with other settings than ``metrics``: refused (``ChangedScores``) unless
-    ``rescore_changed``, then returned to be scored again. Records without settings (older ones) are kept."""
-    committed = table.read_results(layout, ["metrics_config"])
+def _already_scored(layout: OutputLayout, metrics: str, retry_failed: bool, rescore_changed: bool) -> set[str]:
+    """The committed ids this run skips, from one read of the log: every committed id (``retry_failed``: the ok
+    ones), less those scored with other settings than ``metrics``, which are refused (``ChangedScores``) unless
+    ``rescore_changed``. Records without settings (older ones) count as unchanged."""
+    committed = table.read_results(layout, ["status", "metrics_config"])
     moved = committed.filter(pc.fill_null(pc.not_equal(committed.column("metrics_config"), metrics), False))
     if moved.num_rows and not rescore_changed:
         changes = settings_changes("metrics", Counter(moved.column("metrics_config").to_pylist()), metrics)
@@ -291,14 +292,8 @@ def _changed_ids(layout: OutputLayout, metrics: str, rescore_changed: bool) -> s
             + "".join(f"  {line}\n" for line in changes)
             + "rerun with --rescore-changed to score them again (their records are replaced), or give another --output"
         )
-    return set(moved.column("id").to_pylist())
-
-
-def _done_ids(layout: OutputLayout, retry_failed: bool) -> set[str]:
-    if not retry_failed:
-        return table.committed_ids(layout)
-    merged = table.read_results(layout, ["status"])
-    return set(merged.filter(pc.equal(merged.column("status"), Status.OK.value)).column("id").to_pylist())
+    kept = committed.filter(pc.equal(committed.column("status"), Status.OK.value)) if retry_failed else committed
+    return set(kept.column("id").to_pylist()) - set(moved.column("id").to_pylist())
 
 
 def score_manifest(
@@ -335,7 +330,7 @@ def score_manifest(
     model = f"score:{recognizer}"
     identity = {"recognizer": recognizer, "pack": pack, "frames": frames, "strict": strict}
     metrics = fingerprints.canonical({"identity": {**identity, "min_face_size": min_face_size}})
-    done = _done_ids(layout, retry_failed) - _changed_ids(layout, metrics, rescore_changed)
+    done = _already_scored(layout, metrics, retry_failed, rescore_changed)
     writer = results.ResultWriter(layout, schema, table.next_run_seq(layout), every_rows=64, every_s=10.0)
     counts: Counter[str] = Counter()
 
